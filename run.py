@@ -1,0 +1,49 @@
+"""Entry point: python run.py [group=option ...] [key=value ...] (add -m for a sweep). See README.md."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from baseq.config import check_group_choices, register_configs, validate
+from baseq.errors import UserError
+from baseq.hadamard import HadamardSizeError
+from baseq.pipeline import run_job, summary_table
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+log = logging.getLogger("baseq")
+
+
+def compose_method(name: str) -> DictConfig:
+    """The full method config of `name` under this job's other overrides."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("method")]
+    return compose(config_name="config", overrides=[*overrides, f"method={name}"]).method
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        validate(cfg)
+        compare = {name: compose_method(name) for name in cfg.compare_with if name != cfg.method.name}
+        record = run_job(cfg, compare)
+    except (UserError, HadamardSizeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(summary_table(record))
+    return record["metrics"]["wikitext2_ppl"]
+
+
+if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:], CONF_DIR)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+    main()

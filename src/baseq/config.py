@@ -1,0 +1,198 @@
+"""Typed configuration. Every Hydra config group has a dataclass schema here; the YAML files under conf/
+extend these schemas, so a misspelled key or an out-of-range value fails at composition time, before any
+model loads, with OmegaConf's message naming the key (and, for enums, the valid values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from .errors import UserError
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(Enum):
+    auto = "auto"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class WeightAlgorithm(Enum):
+    gptq = "gptq"
+    rtn = "rtn"
+
+
+class WeightClipSearch(Enum):
+    mse = "mse"
+    none = "none"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # a hub id, a local HF folder, a .gguf file, or pip:<distribution>/<file inside it> (the embedded model)
+    path: str = MISSING
+    dtype: DType = DType.auto
+    revision: Optional[str] = None
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    w_clip_search: WeightClipSearch = WeightClipSearch.mse
+
+
+@dataclass
+class GPTQConfig:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    rotate: bool = False
+    weights: WeightAlgorithm = WeightAlgorithm.rtn
+    act_clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    batch_size: int = 1
+
+
+@dataclass
+class PerplexityConfig:
+    seqlen: int = 2048
+    max_windows: Optional[int] = None   # null: the whole test set
+    batch_size: int = 1
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "local"
+    project: str = "baseq"
+    mode: str = "online"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    quant: QuantConfig = MISSING
+    calib: CalibConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    device: Device = Device.auto
+    seed: int = 0
+    results_dir: str = "results"
+    data_root: Optional[str] = None
+    # methods evaluated in the same job on the same windows, for the closing comparison table
+    compare_with: list[str] = field(default_factory=list)
+    # which protocol the calibration/eval sizes come from: filled in by the by_device resolver's callers
+    protocol: str = "${protocol_name:${device}}"
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    name = device.value if isinstance(device, Device) else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible to torch; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def _by_device(device: str, cpu_value: Any, gpu_value: Any) -> Any:
+    """Sizes of the quick CPU preset vs the paper's protocol, chosen by the run's device."""
+    return cpu_value if resolve_device(device).type == "cpu" else gpu_value
+
+
+def _protocol_name(device: str) -> str:
+    return "cpu-preset" if resolve_device(device).type == "cpu" else "full"
+
+
+def register_configs() -> None:
+    for name, fn in (("by_device", _by_device), ("protocol_name", _protocol_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="quant", name="quant_schema", node=QuantConfig)
+    cs.store(group="calib", name="calib_schema", node=CalibConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def validate(cfg) -> None:
+    """Checks that span fields or need more than a type; run before anything heavy happens."""
+    from .methods import METHODS
+
+    for key in ("w_bits", "a_bits", "kv_bits"):
+        bits = cfg.quant[key]
+        if not (2 <= bits <= 8 or bits == 16):
+            raise UserError(f"quant.{key}={bits} is not supported; use 2..8, or 16 for no quantization")
+    for key in ("act_clip_ratio", "kv_clip_ratio"):
+        if not 0 < cfg.method[key] <= 1:
+            raise UserError(f"method.{key}={cfg.method[key]} must be in (0, 1]")
+    for key in ("nsamples", "seqlen", "batch_size"):
+        if cfg.calib[key] < 1:
+            raise UserError(f"calib.{key}={cfg.calib[key]} must be >= 1")
+    if cfg.eval.ppl.max_windows is not None and cfg.eval.ppl.max_windows < 1:
+        raise UserError(f"eval.ppl.max_windows={cfg.eval.ppl.max_windows} must be >= 1, or null for the whole test set")
+    for name in [cfg.method.name, *cfg.compare_with]:
+        if name not in METHODS:
+            raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    resolve_device(cfg.device)
+
+
+def enum_value(value: Any) -> str:
+    """The plain string of a config enum (OmegaConf returns Enum members for typed fields)."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+GROUPS = ("model", "method", "quant", "calib", "eval", "launcher", "logger", "experiment")
+
+
+def check_group_choices(argv: list[str], conf_dir) -> None:
+    """One-line error for a config-group option that does not exist (Hydra's own message is a page long)."""
+    from pathlib import Path
+
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in GROUPS or value.startswith(("glob(", "range(", "choice(")):
+            continue
+        available = sorted(p.stem for p in Path(conf_dir, key).glob("*.yaml"))
+        for option in value.split(","):
+            if option and option not in available:
+                raise UserError(f"unknown {key} {option!r}; available: {', '.join(available)}")

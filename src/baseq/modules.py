@@ -1,0 +1,86 @@
+"""Modules a quantized model is made of: QuantLinear (quantized input, fake-quantized weight, optional
+online Hadamard and BASE-Q's online bias/scale) and the attention hook for R3 and the KV cache.
+
+The attention hook goes through transformers' public AttentionInterface: we register one attention
+function, "baseq_sdpa", which rotates and quantizes q/k/v after RoPE and then calls the library's own sdpa.
+No modeling file is forked or patched."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .hadamard import hadamard_transform
+from .quant import ActivationQuantizer, KVQuantizer
+
+ATTENTION_IMPLEMENTATION = "baseq_sdpa"
+
+
+class QuantLinear(nn.Module):
+    """y = W_q Q(S (H x - B)) + W_q B + b.
+
+    H: optional online Hadamard of the input (R4 on down_proj; its transpose is already in W).
+    B, S: BASE-Q's activation bias and unpaired scale, held by the activation quantizer.
+    W_q: the weight, replaced in place by its fake-quantized value once weights are quantized; the per-channel
+    scale is kept in `weight_scale` so the integer codes can be recovered exactly (round(W_q / scale)).
+    """
+
+    def __init__(self, linear: nn.Linear, act_bits: int = 16, act_clip: float = 1.0, learn_clip: bool = False,
+                 online_hadamard: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.online_hadamard = online_hadamard
+        self.act_quantizer = ActivationQuantizer(self.in_features, act_bits, act_clip, learn_clip)
+        self.weight_bits = 16
+        self.register_buffer("weight_scale", None)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(x) if self.online_hadamard else x
+
+    def output_bias(self) -> torch.Tensor | None:
+        act_bias = self.act_quantizer.bias
+        if act_bias is None:
+            return self.bias
+        compensation = F.linear(act_bias.to(self.weight.dtype), self.weight)
+        return compensation if self.bias is None else self.bias + compensation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act_quantizer(self.rotate_input(x))
+        return F.linear(x, self.weight, self.output_bias())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w_bits={self.weight_bits}, " \
+               f"online_hadamard={self.online_hadamard}, bias={self.bias is not None}"
+
+
+class AttentionQuantizer(nn.Module):
+    """Post-RoPE treatment of one attention layer: R3 (online Hadamard of queries and keys, which leaves
+    q.k unchanged) and the per-head KV-cache quantizers."""
+
+    def __init__(self, kv_bits: int, kv_clip: float = 1.0, rotate_qk: bool = False, learn_clip: bool = False):
+        super().__init__()
+        self.rotate_qk = rotate_qk
+        self.k_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip)
+        self.v_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip)
+
+    def forward(self, query, key, value):
+        if self.rotate_qk:
+            query, key = hadamard_transform(query), hadamard_transform(key)
+        return query, self.k_quantizer(key), self.v_quantizer(value)
+
+
+def quantized_sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    quantizer = getattr(module, "attention_quantizer", None)
+    if quantizer is not None:
+        query, key, value = quantizer(query, key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, quantized_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_IMPLEMENTATION, sdpa_mask)

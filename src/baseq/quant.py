@@ -1,0 +1,162 @@
+"""The one quantizer of the project: fake quantization (quantize-dequantize) of weights, activations and
+the KV cache. Training, evaluation and the Triton kernels' reference all go through these functions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def symmetric_weight_scale(w: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-output-channel scale of a symmetric grid [-2^(b-1), 2^(b-1)-1] (shape [out, 1])."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(dim=1, keepdim=True) * clip_ratio
+    return (amax / qmax).clamp(min=1e-8)
+
+
+def quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of w on the symmetric grid (float tensor holding integers)."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
+
+
+def fake_quantize_symmetric(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    return torch.clamp(round_ste(w / scale), -qmax - 1, qmax) * scale
+
+
+def mse_weight_scale(
+    w: torch.Tensor, bits: int, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+) -> torch.Tensor:
+    """Per-channel scale whose clip threshold minimises sum |w - Q(w)|^norm over a grid of shrink factors
+    (the GPTQ/QuaRot clip search; norm 2.4 as they use)."""
+    w = w.float()
+    best_scale = symmetric_weight_scale(w, bits)
+    best_err = torch.full((w.shape[0], 1), float("inf"), device=w.device)
+    for i in range(int(max_shrink * grid)):
+        ratio = 1 - i / grid
+        scale = symmetric_weight_scale(w, bits, ratio)
+        err = (fake_quantize_symmetric(w, scale, bits) - w).abs().pow(norm).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+def weight_scale(w: torch.Tensor, bits: int, clip_search: str) -> torch.Tensor:
+    if clip_search == "mse":
+        return mse_weight_scale(w, bits)
+    if clip_search == "none":
+        return symmetric_weight_scale(w.float(), bits)
+    raise ValueError(f"unknown weight clip search {clip_search!r}; use 'mse' or 'none'")
+
+
+# ----------------------------------------------------------------------------------------- activations
+
+
+def fake_quantize_asymmetric(
+    x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float = 1.0, group_size: int | None = None
+) -> torch.Tensor:
+    """Dynamic asymmetric quantize-dequantize over the last dim (per token), or over groups of
+    `group_size` channels of it (per token per head for the KV cache). The range always includes 0, as in
+    QuaRot, so zero stays exact. Gradients: STE through rounding, exact through scale and clip."""
+    shape = x.shape
+    if group_size is not None:
+        x = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    qmax = 2**bits - 1
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    scale = ((xmax - xmin) / qmax).clamp(min=1e-8)
+    zero = torch.round(-xmin / scale).detach()
+    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+    return ((q - zero) * scale).reshape(shape)
+
+
+def asymmetric_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
+    """Integer codes, scale and zero point of the per-token asymmetric quantizer: the contract the Triton
+    kernels reproduce (dequantized value = (code - zero) * scale)."""
+    qmax = 2**bits - 1
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    scale = ((xmax - xmin) / qmax).clamp(min=1e-8)
+    zero = torch.round(-xmin / scale)
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    return codes, scale, zero
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-token asymmetric fake quantizer of a linear layer's input.
+
+    Holds the optional BASE-Q terms that must stay online: a bias B subtracted before quantization and an
+    unpaired scale S multiplied after it, so the quantized tensor is Q(S * (x - B)). The layer that owns the
+    quantizer adds W B back to its output (see QuantLinear). The clip ratio is fixed unless `learn_clip`.
+    """
+
+    def __init__(self, dim: int, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
+        super().__init__()
+        self.dim, self.bits = dim, bits
+        clip = torch.tensor(float(clip_ratio))
+        if learn_clip:
+            self.clip_ratio = nn.Parameter(clip)
+        else:
+            self.register_buffer("clip_ratio", clip)
+        self.bias: nn.Parameter | None = None
+        self.scale: nn.Parameter | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def add_bias(self, init: torch.Tensor) -> None:
+        self.bias = nn.Parameter(init.detach().clone().float())
+
+    def add_scale(self) -> None:
+        self.scale = nn.Parameter(torch.ones(self.dim))
+
+    def shift_and_scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            x = x - self.bias.to(x.dtype)
+        if self.scale is not None:
+            x = x * self.scale.to(x.dtype)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shift_and_scale(x)
+        if not self.enabled:
+            return x
+        clip = self.clip_ratio.clamp(0.3, 1.0) if isinstance(self.clip_ratio, nn.Parameter) else self.clip_ratio
+        return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bits={self.bits}, clip={float(self.clip_ratio):.3f}, " \
+               f"bias={self.bias is not None}, scale={self.scale is not None}"
+
+
+class KVQuantizer(nn.Module):
+    """Per-token per-head asymmetric fake quantizer for keys or values, shaped [batch, heads, seq, head_dim]."""
+
+    def __init__(self, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
+        super().__init__()
+        self.bits = bits
+        clip = torch.tensor(float(clip_ratio))
+        if learn_clip:
+            self.clip_ratio = nn.Parameter(clip)
+        else:
+            self.register_buffer("clip_ratio", clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return x
+        clip = self.clip_ratio.clamp(0.3, 1.0) if isinstance(self.clip_ratio, nn.Parameter) else self.clip_ratio
+        return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, clip={float(self.clip_ratio):.3f}"

@@ -1,0 +1,110 @@
+"""Steps every quantization method is composed of: put quantizers into the model, quantize its weights
+(RTN or GPTQ), and switch activation quantization off while calibrating."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blockwise import capture_block_inputs, iterate_blocks, run_block
+from .gptq import HessianAccumulator, gptq_quantize
+from .hadamard import orthonormal_hadamard
+from .models.families import ModelFamily
+from .modules import ATTENTION_IMPLEMENTATION, AttentionQuantizer, QuantLinear
+from .quant import ActivationQuantizer, KVQuantizer, fake_quantize_symmetric, weight_scale
+from .rotation import rotate_reader
+
+
+def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bits: int, act_clip: float,
+                      kv_clip: float, rotate_qk: bool = False, learn_clip: bool = False) -> None:
+    """Replace each block's linears by QuantLinear and give each attention an AttentionQuantizer."""
+    for block in family.blocks(model):
+        for name in family.linear_names():
+            parent_name, child_name = name.rsplit(".", 1)
+            linear = block.get_submodule(name)
+            if isinstance(linear, QuantLinear):
+                continue
+            setattr(block.get_submodule(parent_name), child_name,
+                    QuantLinear(linear, a_bits, act_clip, learn_clip))
+        block.get_submodule(family.attention).attention_quantizer = AttentionQuantizer(
+            kv_bits, kv_clip, rotate_qk, learn_clip)
+    model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
+def add_online_down_hadamard(block: nn.Module, family: ModelFamily) -> None:
+    """R4: the down_proj input is rotated online by a Hadamard; its transpose goes into the weight."""
+    down: QuantLinear = block.get_submodule(family.down_proj)
+    rotate_reader(down, orthonormal_hadamard(down.in_features))
+    down.online_hadamard = True
+
+
+def quant_linears(module: nn.Module) -> Iterator[QuantLinear]:
+    return (m for m in module.modules() if isinstance(m, QuantLinear))
+
+
+@contextlib.contextmanager
+def activation_quantization_disabled(model: nn.Module):
+    """Weights are calibrated on unquantized activations (as in QuaRot/GPTQ)."""
+    quantizers = [m for m in model.modules() if isinstance(m, (ActivationQuantizer, KVQuantizer))]
+    saved = [q.bits for q in quantizers]
+    for q in quantizers:
+        q.bits = 16
+    try:
+        yield
+    finally:
+        for q, bits in zip(quantizers, saved):
+            q.bits = bits
+
+
+def set_quantized_weight(linear: QuantLinear, dequantized: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
+    linear.weight.data = dequantized.to(linear.weight.dtype)
+    linear.weight_scale = scale.to(linear.weight.device)
+    linear.weight_bits = bits
+
+
+@torch.no_grad()
+def quantize_weights_rtn(model: nn.Module, family: ModelFamily, bits: int, clip_search: str,
+                         device: torch.device) -> None:
+    if bits >= 16:
+        return
+    for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
+                         desc="RTN weights", unit="block"):
+        for linear in quant_linears(block):
+            w = linear.weight.float()
+            scale = weight_scale(w, bits, clip_search)
+            set_quantized_weight(linear, fake_quantize_symmetric(w, scale, bits), scale, bits)
+
+
+@torch.no_grad()
+def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torch.Tensor, bits: int,
+                          clip_search: str, device: torch.device, block_size: int = 128, damp: float = 0.01,
+                          act_order: bool = False, batch_size: int = 1) -> None:
+    """Sequential GPTQ: block by block, and inside a block group by group (qkv, o, gate/up, down), so every
+    Hessian is measured on inputs produced by the already-quantized part of the model."""
+    if bits >= 16:
+        return
+    with activation_quantization_disabled(model):
+        inputs = capture_block_inputs(model, family, calib_ids, device)
+        hidden = inputs.hidden
+        for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
+                             desc="GPTQ", unit="block"):
+            for group in family.sequential_groups():
+                linears = [block.get_submodule(name) for name in group]
+                hessians = [HessianAccumulator(lin.in_features, device) for lin in linears]
+                # the hook sits on the quantizer, so it sees the input after any online rotation
+                handles = [lin.act_quantizer.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+                           for lin, acc in zip(linears, hessians)]
+                try:
+                    run_block(block, hidden, inputs.kwargs, batch_size)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for lin, acc in zip(linears, hessians):
+                    q, scale = gptq_quantize(lin.weight, acc.hessian, bits, clip_search, block_size, damp, act_order)
+                    set_quantized_weight(lin, q, scale, bits)
+                del hessians
+            hidden = run_block(block, hidden, inputs.kwargs, batch_size)

@@ -1,0 +1,103 @@
+"""Quantizer exactness: grids, codes, clipping, STE, and GPTQ's advantage over RTN."""
+
+import torch
+
+from baseq.gptq import HessianAccumulator, gptq_quantize
+from baseq.quant import (ActivationQuantizer, KVQuantizer, asymmetric_codes, fake_quantize_asymmetric,
+                         fake_quantize_symmetric, mse_weight_scale, quantize_symmetric, symmetric_weight_scale)
+
+
+def test_symmetric_weight_grid_is_per_channel_int4():
+    w = torch.randn(16, 64)
+    scale = symmetric_weight_scale(w, 4)
+    codes = quantize_symmetric(w, scale, 4)
+    assert codes.min() >= -8 and codes.max() <= 7
+    assert torch.equal(codes, codes.round())
+    # the largest magnitude of each row maps to +-7 exactly
+    assert torch.equal(codes.abs().amax(dim=1), torch.full((16,), 7.0))
+    deq = fake_quantize_symmetric(w, scale, 4)
+    assert torch.allclose(deq, codes * scale)
+    assert ((deq - w).abs() <= scale / 2 + 1e-6).all()
+
+
+def test_mse_clip_search_never_worse_than_max_scaling():
+    w = torch.randn(32, 256) * torch.linspace(0.1, 3, 256)
+    w[:, 0] *= 20  # an outlier column makes clipping worthwhile
+    plain = fake_quantize_symmetric(w, symmetric_weight_scale(w, 4), 4)
+    searched = fake_quantize_symmetric(w, mse_weight_scale(w, 4), 4)
+    err = lambda q: (q - w).abs().pow(2.4).sum(dim=1)
+    assert (err(searched) <= err(plain) + 1e-5).all()
+    assert err(searched).sum() < err(plain).sum()
+
+
+def test_asymmetric_fake_quant_equals_codes_contract():
+    x = torch.randn(5, 7, 96) + 0.3
+    for clip in (1.0, 0.9):
+        codes, scale, zero = asymmetric_codes(x, 4, clip)
+        assert codes.min() >= 0 and codes.max() <= 15
+        assert torch.equal(fake_quantize_asymmetric(x, 4, clip), (codes - zero) * scale)
+
+
+def test_asymmetric_quant_keeps_zero_and_error_bound():
+    x = torch.rand(4, 64) + 1.0  # all positive: the range still includes 0, so 0 stays exact
+    x[:, 0] = 0
+    deq = fake_quantize_asymmetric(x, 4)
+    assert torch.equal(deq[:, 0], torch.zeros(4))
+    step = x.amax(dim=1, keepdim=True) / 15
+    assert ((deq - x).abs() <= step / 2 + 1e-6).all()
+
+
+def test_more_bits_less_error():
+    x = torch.randn(8, 256)
+    errors = [(fake_quantize_asymmetric(x, b) - x).pow(2).mean() for b in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_ste_passes_gradients_and_clip_is_learnable():
+    q = ActivationQuantizer(32, bits=4, clip_ratio=0.9, learn_clip=True)
+    q.add_bias(torch.zeros(32))
+    q.add_scale()
+    x = torch.randn(10, 32, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for p in (q.clip_ratio, q.bias, q.scale):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_activation_quantizer_applies_bias_then_scale():
+    q = ActivationQuantizer(8, bits=16)
+    q.add_bias(torch.full((8,), 2.0))
+    q.add_scale()
+    with torch.no_grad():
+        q.scale.fill_(3.0)
+    x = torch.randn(4, 8)
+    assert torch.allclose(q(x), (x - 2) * 3)
+
+
+def test_kv_quantizer_is_per_token_per_head():
+    k = torch.randn(1, 3, 5, 16)
+    k[:, 1] *= 100  # one loud head must not coarsen the grid of the others
+    deq = KVQuantizer(4)(k)
+    quiet = (deq[:, 0] - k[:, 0]).abs().max()
+    assert quiet <= (k[:, 0].amax(-1) - k[:, 0].amin(-1)).max() / 15 / 2 + 1e-6
+    assert torch.equal(KVQuantizer(16)(k), k)
+
+
+def test_gptq_beats_rtn_on_layer_output_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(2048, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs: where GPTQ shines
+    acc = HessianAccumulator(128, torch.device("cpu"))
+    for chunk in x.split(512):
+        acc.add(chunk)
+    assert torch.allclose(acc.hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+    q_gptq, scale = gptq_quantize(w, acc.hessian, bits=4, clip_search="none")
+    q_rtn = fake_quantize_symmetric(w, symmetric_weight_scale(w, 4), 4)
+    # GPTQ's output stays on the same grid...
+    codes = q_gptq / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+    err = lambda q: (x @ (q - w).T).pow(2).mean()
+    assert err(q_gptq) < 0.7 * err(q_rtn)
+    # act-order is a permutation of the same algorithm: also better than RTN
+    q_ao, _ = gptq_quantize(w, acc.hessian, bits=4, clip_search="none", act_order=True)
+    assert err(q_ao) < 0.7 * err(q_rtn)

@@ -1,0 +1,91 @@
+"""run.py end to end on tiny random models: records, comparisons, failures and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd=REPO, env_extra=None, timeout=600):
+    import os
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
+
+
+def tiny_args(model_dir, data_root, results, *extra):
+    return ["model=local", f"model.path={model_dir}", f"data_root={data_root}", f"results_dir={results}",
+            "device=cpu", "calib.nsamples=4", "calib.seqlen=32", "eval.ppl.seqlen=32", "eval.ppl.max_windows=3",
+            *extra]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_quarot_run_writes_done_record_with_comparisons(tiny_model_dirs, tiny_data_root, tmp_path, family):
+    out = run(tiny_args(tiny_model_dirs[family], tiny_data_root, tmp_path, "method=quarot"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [rec] = records(tmp_path)
+    assert rec["status"] == "done" and rec["method"] == "quarot" and rec["quant"] == "w4a4kv4"
+    ppl = rec["metrics"]["wikitext2_ppl"]
+    assert ppl > 1 and rec["metrics"]["wikitext2_windows"] == 3
+    assert set(rec["metrics"]["compare"]) == {"fp", "rtn"}
+    assert rec["config"]["calib"]["nsamples"] == 4
+    for stage in ("load_model", "quantize", "eval_ppl"):
+        assert rec["timings_s"][stage] >= 0
+    assert rec["peak_memory_gb"]["host"] > 0 and rec["versions"]["torch"]
+    assert "wikitext2 ppl" in out.stdout and "quarot" in out.stdout
+
+
+def test_rotation_only_run_matches_fp(tiny_model_dirs, tiny_data_root, tmp_path):
+    out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=quarot", "quant=w16a16kv16",
+                        "compare_with=[fp]"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [rec] = records(tmp_path)
+    fp = rec["metrics"]["compare"]["fp"]["wikitext2_ppl"]
+    assert abs(rec["metrics"]["wikitext2_ppl"] - fp) / fp < 1e-4
+
+
+def test_missing_model_path_fails_with_one_line_and_failed_record(tiny_data_root, tmp_path):
+    out = run(tiny_args(tmp_path / "nope", tiny_data_root, tmp_path))
+    assert out.returncode != 0
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+    [rec] = records(tmp_path)
+    assert rec["status"] == "failed" and "does not exist" in rec["error"]["message"]
+    assert rec["metrics"] == {}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["method=nosuch"], "unknown method 'nosuch'; available:"),
+    (["model=llama-9b"], "unknown model 'llama-9b'; available:"),
+    (["device=gpu"], "gpu"),
+    (["calib.nsamplez=3"], "nsamplez"),
+    (["quant.a_bits=5.5"], "a_bits"),
+])
+def test_bad_config_fails_before_loading(args, expected, tmp_path):
+    out = run([f"results_dir={tmp_path}", *args], timeout=120)
+    assert out.returncode != 0
+    assert expected in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unsupported_hadamard_size_is_a_clear_error(tiny_data_root, tmp_path):
+    from conftest import tiny_llama, train_tiny_tokenizer, SAMPLE_TEXT
+    import torch
+
+    tok = train_tiny_tokenizer(SAMPLE_TEXT)
+    model = tiny_llama(hidden=40, ffn=80, heads=4, kv_heads=2, vocab=len(tok), dtype=torch.float32)  # head_dim 10
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = run(tiny_args(tmp_path / "m", tiny_data_root, tmp_path / "res", "method=quarot", "compare_with=[]"))
+    assert out.returncode != 0
+    assert "10" in out.stderr and "Hadamard" in out.stderr and "Traceback" not in out.stderr
+    [rec] = records(tmp_path / "res")
+    assert rec["status"] == "failed"
