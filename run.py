@@ -13,8 +13,6 @@ from omegaconf import DictConfig
 
 from baseq.config import check_group_choices, register_configs, validate
 from baseq.errors import UserError
-from baseq.hadamard import HadamardSizeError
-from baseq.pipeline import run_job, summary_table
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("baseq")
@@ -28,11 +26,13 @@ def compose_method(name: str) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from baseq.pipeline import run_job, summary_table  # heavy (torch, transformers): after config checks
+
     try:
         validate(cfg)
         compare = {name: compose_method(name) for name in cfg.compare_with if name != cfg.method.name}
         record = run_job(cfg, compare)
-    except (UserError, HadamardSizeError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print(summary_table(record))

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -119,7 +118,9 @@ class RunConfig:
     protocol: str = "${protocol_name:${device}}"
 
 
-def resolve_device(device: Device | str) -> torch.device:
+def resolve_device(device: Device | str):
+    import torch  # imported here so that config errors are reported without loading torch
+
     name = device.value if isinstance(device, Device) else str(device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
