@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         validate(cfg)
+        check_group_choices([f"method={name}" for name in cfg.compare_with], CONF_DIR)
         compare = {name: compose_method(name) for name in cfg.compare_with if name != cfg.method.name}
         record = run_job(cfg, compare)
     except UserError as err:

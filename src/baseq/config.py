@@ -62,14 +62,57 @@ class GPTQConfig:
     act_order: bool = False
 
 
+class ResidualRotation(Enum):
+    hadamard = "hadamard"
+    pca_hadamard = "pca_hadamard"
+
+
+class BlockInputs(Enum):
+    fp = "fp"                  # the full-precision model's activations
+    quantized = "quantized"    # the quantized model's own activations
+
+
 @dataclass
 class MethodConfig:
-    name: str = MISSING
+    name: str = MISSING        # the label in records and tables (e.g. baseq_ablation/rv)
+    algorithm: str = MISSING   # the registry key in baseq.methods.METHODS
     rotate: bool = False
     weights: WeightAlgorithm = WeightAlgorithm.rtn
     act_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+
+@dataclass
+class LearningRates:
+    scale: float = 1e-2
+    clip: float = 1e-2
+    bias: float = 1e-3
+    rotation: float = 3e-3
+
+
+@dataclass
+class BaseQConfig(MethodConfig):
+    """BASE-Q (DESIGN.md section 5). Defaults are the full method with the paper's hyperparameters."""
+    rotate: bool = True
+    weights: WeightAlgorithm = WeightAlgorithm.gptq
+    act_clip_ratio: float = 0.9      # initial value when learn_clip
+    kv_clip_ratio: float = 0.95
+    residual_rotation: ResidualRotation = ResidualRotation.hadamard
+    learn_rv: bool = True
+    rv_per_kv_head: bool = True
+    bias: bool = True
+    bias_init: str = "mean"          # mean | zero
+    kv_bias: bool = False
+    unpaired_scale: bool = True
+    paired_scale: bool = True
+    learn_clip: bool = True
+    stage1_epochs: int = 3
+    stage2_epochs: int = 5
+    train_batch_size: int = 1
+    train_inputs: BlockInputs = BlockInputs.fp
+    gptq_inputs: BlockInputs = BlockInputs.quantized
+    lr: LearningRates = field(default_factory=LearningRates)
 
 
 @dataclass
@@ -146,6 +189,7 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(group="method", name="baseq_schema", node=BaseQConfig)
     cs.store(group="quant", name="quant_schema", node=QuantConfig)
     cs.store(group="calib", name="calib_schema", node=CalibConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
@@ -168,9 +212,11 @@ def validate(cfg) -> None:
             raise UserError(f"calib.{key}={cfg.calib[key]} must be >= 1")
     if cfg.eval.ppl.max_windows is not None and cfg.eval.ppl.max_windows < 1:
         raise UserError(f"eval.ppl.max_windows={cfg.eval.ppl.max_windows} must be >= 1, or null for the whole test set")
-    for name in [cfg.method.name, *cfg.compare_with]:
-        if name not in METHODS:
-            raise UserError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    if cfg.method.algorithm not in METHODS:
+        raise UserError(f"method.algorithm={cfg.method.algorithm!r} is not registered; available: "
+                        f"{', '.join(sorted(METHODS))}")
+    if "bias_init" in cfg.method and cfg.method.bias_init not in ("mean", "zero"):
+        raise UserError(f"method.bias_init={cfg.method.bias_init!r}; use 'mean' or 'zero'")
     resolve_device(cfg.device)
 
 
@@ -193,7 +239,8 @@ def check_group_choices(argv: list[str], conf_dir) -> None:
         key = key.lstrip("+~")
         if key not in GROUPS or value.startswith(("glob(", "range(", "choice(")):
             continue
-        available = sorted(p.stem for p in Path(conf_dir, key).glob("*.yaml"))
+        group_dir = Path(conf_dir, key)
+        available = sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
         for option in value.split(","):
             if option and option not in available:
                 raise UserError(f"unknown {key} {option!r}; available: {', '.join(available)}")

@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "HadamardSizeError",
     "hadamard_matrix",
@@ -30,14 +32,14 @@ __all__ = [
 
 # The cyclotomic search enumerates 2^(e+1) class unions per block; 2^8 keeps it well under 0.1 s.
 _MAX_CYCLOTOMIC_CLASSES = 7
-# Above this the 4p search would still be cheap, but the dense p^2 work is pointless for real models.
+# Bounds what has_hadamard can spend on searches for odd sizes no model uses.
 _MAX_CYCLOTOMIC_PRIME = 1000
 # Power-of-two factors of the online transform are split into dense Sylvester blocks of at most this
 # size: a few small matmuls beat both one huge dense matmul and a log2(n)-pass butterfly on CPU and GPU.
 _MAX_POW2_BLOCK_BITS = 7
 
 
-class HadamardSizeError(ValueError):
+class HadamardSizeError(UserError, ValueError):
     """No Hadamard matrix of the requested size can be constructed here."""
 
 
@@ -317,7 +319,7 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     m, pow2 = split
     # The expensive part (the base construction) is lru-cached; the Kronecker product costs the same
     # as cloning a cached n x n matrix would, so every call returns a fresh tensor the caller owns.
-    return torch.kron(_base_matrix(m), _sylvester(pow2))
+    return _sylvester(pow2) if m == 1 else torch.kron(_base_matrix(m), _sylvester(pow2))
 
 
 def orthonormal_hadamard(n: int) -> torch.Tensor:
@@ -346,8 +348,9 @@ def _factor(f: int, sylvester: bool, device: torch.device, dtype: torch.dtype):
     return hit
 
 
-def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """x @ (H_n / sqrt(n)) along the last dimension without forming H_n.
+def hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bool = False) -> torch.Tensor:
+    """x @ (H_n / sqrt(n)) along the last dimension without forming H_n; with transpose=True,
+    x @ (H_n / sqrt(n))^T, the inverse transform.
 
     n defaults to x.shape[-1]; a smaller n dividing x.shape[-1] applies H_n to each contiguous block of
     n (block-diagonal kron(I, H_n)). Half/bfloat16 inputs are computed in float32 and cast back.
@@ -367,6 +370,8 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     for f, sylvester in _plan(n):
         right //= f
         h, ht = _factor(f, sylvester, x.device, compute)
+        if transpose:  # kron(A, B)^T = kron(A^T, B^T): the same pass with each factor transposed
+            h, ht = ht, h
         if right == 1:
             y = y.reshape(-1, f) @ h
         else:

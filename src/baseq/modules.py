@@ -29,30 +29,50 @@ class QuantLinear(nn.Module):
     scale is kept in `weight_scale` so the integer codes can be recovered exactly (round(W_q / scale)).
     """
 
-    def __init__(self, linear: nn.Linear, act_bits: int = 16, act_clip: float = 1.0, learn_clip: bool = False,
-                 online_hadamard: bool = False):
+    def __init__(self, linear: nn.Linear, act_quantizer: ActivationQuantizer, online_hadamard: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         self.online_hadamard = online_hadamard
-        self.act_quantizer = ActivationQuantizer(self.in_features, act_bits, act_clip, learn_clip)
+        self.act_quantizer = act_quantizer
         self.weight_bits = 16
         self.register_buffer("weight_scale", None)
+        # set while training (e.g. RTN with STE, so learned transforms see the weight grid); None afterwards
+        self.weight_quantizer: nn.Module | None = None
+        # True once W_q B has been added to `bias` for good (see fuse_activation_bias)
+        self.activation_bias_fused = False
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x) if self.online_hadamard else x
 
-    def output_bias(self) -> torch.Tensor | None:
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def output_bias(self, weight: torch.Tensor) -> torch.Tensor | None:
         act_bias = self.act_quantizer.bias
-        if act_bias is None:
+        if act_bias is None or self.activation_bias_fused:
             return self.bias
-        compensation = F.linear(act_bias.to(self.weight.dtype), self.weight)
+        compensation = F.linear(act_bias.to(weight.dtype), weight)
         return compensation if self.bias is None else self.bias + compensation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(self.rotate_input(x))
-        return F.linear(x, self.weight, self.output_bias())
+        weight = self.effective_weight()
+        return F.linear(x, weight, self.output_bias(weight))
+
+    @torch.no_grad()
+    def fuse_activation_bias(self) -> None:
+        """Make W_q B part of the linear's own bias (computed in float64); B itself stays in the quantizer,
+        which still subtracts it online."""
+        if self.act_quantizer.bias is None or self.activation_bias_fused:
+            return
+        compensation = self.weight.double() @ self.act_quantizer.bias.double()
+        if self.bias is None:
+            self.bias = nn.Parameter(compensation.to(self.weight.dtype), requires_grad=False)
+        else:
+            self.bias.data = (self.bias.double() + compensation).to(self.bias.dtype)
+        self.activation_bias_fused = True
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.weight_bits}, " \

@@ -49,11 +49,16 @@ def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg:
                         load_calibration=_calibration_loader(cfg, tokenizer, sources),
                         calib_batch_size=cfg.calib.batch_size)
     with timer.stage(f"{prefix}quantize"):
-        METHODS[method_cfg.name](model, family, ctx)
+        METHODS[method_cfg.algorithm](model, family, ctx)
+    for name, seconds in ctx.report.pop("timings_s", {}).items():
+        timer.seconds[f"{prefix}quantize.{name}"] = seconds
     with timer.stage(f"{prefix}eval_ppl"):
         nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
     model.to("cpu")
-    return {"wikitext2_ppl": perplexity(nlls), "wikitext2_windows": int(windows.shape[0])}
+    metrics = {"wikitext2_ppl": perplexity(nlls), "wikitext2_windows": int(windows.shape[0])}
+    if ctx.report:
+        metrics["method_report"] = ctx.report
+    return metrics
 
 
 def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None) -> dict:

@@ -59,6 +59,20 @@ def weight_scale(w: torch.Tensor, bits: int, clip_search: str) -> torch.Tensor:
     raise ValueError(f"unknown weight clip search {clip_search!r}; use 'mse' or 'none'")
 
 
+class RTNWeightQuantizer(nn.Module):
+    """Per-channel symmetric RTN fake quantization of a weight, differentiable through the STE; used while
+    training transforms that act on weights so that they see the grid they will be rounded to."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return w
+        return fake_quantize_symmetric(w, symmetric_weight_scale(w.detach(), self.bits), self.bits)
+
+
 # ----------------------------------------------------------------------------------------- activations
 
 
@@ -141,7 +155,9 @@ class ActivationQuantizer(nn.Module):
 
 
 class KVQuantizer(nn.Module):
-    """Per-token per-head asymmetric fake quantizer for keys or values, shaped [batch, heads, seq, head_dim]."""
+    """Per-token per-head asymmetric fake quantizer for keys or values, shaped [batch, heads, seq, head_dim].
+    An optional per-head bias (BASE-Q's K/V bias) is subtracted before quantization and added back after;
+    the cache stores the codes of (x - b)."""
 
     def __init__(self, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
         super().__init__()
@@ -151,12 +167,20 @@ class KVQuantizer(nn.Module):
             self.clip_ratio = nn.Parameter(clip)
         else:
             self.register_buffer("clip_ratio", clip)
+        self.bias: nn.Parameter | None = None
+
+    def add_bias(self, init: torch.Tensor) -> None:
+        """init: [heads, head_dim]."""
+        self.bias = nn.Parameter(init.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
         clip = self.clip_ratio.clamp(0.3, 1.0) if isinstance(self.clip_ratio, nn.Parameter) else self.clip_ratio
-        return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+        if self.bias is None:
+            return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+        bias = self.bias.to(x.dtype)[:, None, :]
+        return fake_quantize_asymmetric(x - bias, self.bits, clip.to(x.dtype)) + bias
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip={float(self.clip_ratio):.3f}"

@@ -21,15 +21,19 @@ from .rotation import rotate_reader
 
 def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bits: int, act_clip: float,
                       kv_clip: float, rotate_qk: bool = False, learn_clip: bool = False) -> None:
-    """Replace each block's linears by QuantLinear and give each attention an AttentionQuantizer."""
+    """Replace each block's linears by QuantLinear and give each attention an AttentionQuantizer. Linears
+    that read the same tensor (q/k/v, gate/up) share one ActivationQuantizer: the input is quantized once,
+    with one bias, scale and clip, as a kernel would do it."""
     for block in family.blocks(model):
-        for name in family.linear_names():
-            parent_name, child_name = name.rsplit(".", 1)
-            linear = block.get_submodule(name)
-            if isinstance(linear, QuantLinear):
+        for group in family.sequential_groups():
+            first = block.get_submodule(group[0])
+            if isinstance(first, QuantLinear):
                 continue
-            setattr(block.get_submodule(parent_name), child_name,
-                    QuantLinear(linear, a_bits, act_clip, learn_clip))
+            quantizer = ActivationQuantizer(first.in_features, a_bits, act_clip, learn_clip)
+            for name in group:
+                parent_name, child_name = name.rsplit(".", 1)
+                setattr(block.get_submodule(parent_name), child_name,
+                        QuantLinear(block.get_submodule(name), quantizer))
         block.get_submodule(family.attention).attention_quantizer = AttentionQuantizer(
             kv_bits, kv_clip, rotate_qk, learn_clip)
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
@@ -73,18 +77,56 @@ def quantize_weights_rtn(model: nn.Module, family: ModelFamily, bits: int, clip_
         return
     for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
                          desc="RTN weights", unit="block"):
-        for linear in quant_linears(block):
-            w = linear.weight.float()
-            scale = weight_scale(w, bits, clip_search)
-            set_quantized_weight(linear, fake_quantize_symmetric(w, scale, bits), scale, bits)
+        quantize_block_rtn(block, bits, clip_search)
+
+
+@torch.no_grad()
+def quantize_block_rtn(block: nn.Module, bits: int, clip_search: str) -> None:
+    if bits >= 16:
+        return
+    for linear in quant_linears(block):
+        w = linear.weight.float()
+        scale = weight_scale(w, bits, clip_search)
+        set_quantized_weight(linear, fake_quantize_symmetric(w, scale, bits), scale, bits)
+
+
+@torch.no_grad()
+def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, block_kwargs: dict, bits: int,
+               clip_search: str, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+               batch_size: int = 1) -> None:
+    """GPTQ every linear of one block, group by group (qkv, o, gate/up, down), so each Hessian is measured
+    on inputs produced by the already-quantized groups. `hidden` holds the block's calibration inputs."""
+    for group in family.sequential_groups():
+        linears = [block.get_submodule(name) for name in group]
+        # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
+        # The hook sits on the quantizer, so it sees the input after any online rotation.
+        hessian = HessianAccumulator(linears[0].in_features, hidden.device)
+        seen = set()
+
+        def accumulate(_module, args):
+            # the shared quantizer runs once per linear of the group; count each input tensor once
+            if id(args[0]) not in seen:
+                seen.add(id(args[0]))
+                hessian.add(args[0])
+
+        handle = linears[0].act_quantizer.register_forward_pre_hook(accumulate)
+        try:
+            for start in range(0, hidden.shape[0], batch_size):
+                seen.clear()
+                run_block(block, hidden[start:start + batch_size], block_kwargs, batch_size)
+        finally:
+            handle.remove()
+        for lin in linears:
+            q, scale = gptq_quantize(lin.weight, hessian.hessian, bits, clip_search, block_size, damp, act_order)
+            set_quantized_weight(lin, q, scale, bits)
 
 
 @torch.no_grad()
 def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torch.Tensor, bits: int,
                           clip_search: str, device: torch.device, block_size: int = 128, damp: float = 0.01,
                           act_order: bool = False, batch_size: int = 1) -> None:
-    """Sequential GPTQ: block by block, and inside a block group by group (qkv, o, gate/up, down), so every
-    Hessian is measured on inputs produced by the already-quantized part of the model."""
+    """Sequential GPTQ over the model (QuaRot's recipe): activations unquantized, each block calibrated on
+    the outputs of the already-quantized blocks before it."""
     if bits >= 16:
         return
     with activation_quantization_disabled(model):
@@ -92,19 +134,6 @@ def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torc
         hidden = inputs.hidden
         for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
                              desc="GPTQ", unit="block"):
-            for group in family.sequential_groups():
-                linears = [block.get_submodule(name) for name in group]
-                hessians = [HessianAccumulator(lin.in_features, device) for lin in linears]
-                # the hook sits on the quantizer, so it sees the input after any online rotation
-                handles = [lin.act_quantizer.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
-                           for lin, acc in zip(linears, hessians)]
-                try:
-                    run_block(block, hidden, inputs.kwargs, batch_size)
-                finally:
-                    for h in handles:
-                        h.remove()
-                for lin, acc in zip(linears, hessians):
-                    q, scale = gptq_quantize(lin.weight, acc.hessian, bits, clip_search, block_size, damp, act_order)
-                    set_quantized_weight(lin, q, scale, bits)
-                del hessians
+            gptq_block(block, family, hidden, inputs.kwargs, bits, clip_search, block_size, damp, act_order,
+                       batch_size)
             hidden = run_block(block, hidden, inputs.kwargs, batch_size)

@@ -108,3 +108,23 @@ def rotate_values(block: nn.Module, family: ModelFamily, rotations: torch.Tensor
     r_per_head = r.repeat_interleave(group, dim=0).to(wo.device)
     _update(o_proj.weight, torch.einsum("ohj,hjk->ohk", wo, r_per_head).reshape(wo.shape[0], -1))
 
+
+
+@torch.no_grad()
+def weight_pca_basis(model: nn.Module, family: ModelFamily, device: torch.device | str = "cpu",
+                     include_writers: bool = False) -> torch.Tensor:
+    """Eigenvectors (columns, by decreasing eigenvalue) of sum W^T W over the linears that read the residual
+    stream (q, k, v, gate, up) [+ W W^T of the writers o, down]. Norms must be fused first."""
+    device = torch.device(device)
+    d = model.config.hidden_size
+    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for _, block in iterate_blocks(model, family, device):
+        for name in family.readers_of_attn_norm() + family.readers_of_mlp_norm():
+            w = _f64(block.get_submodule(name).weight, device)
+            cov += w.T @ w
+        if include_writers:
+            for name in family.residual_writers():
+                w = _f64(block.get_submodule(name).weight, device)
+                cov += w @ w.T
+    _, vectors = torch.linalg.eigh(cov)
+    return vectors.flip(-1).cpu()

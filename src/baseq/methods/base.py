@@ -3,7 +3,7 @@ place; it is registered in baseq.methods.METHODS under its config name."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
@@ -20,6 +20,8 @@ class MethodContext:
     seed: int
     load_calibration: Callable[[], torch.Tensor]
     calib_batch_size: int = 1
+    # what the method wants in the run record (per-block losses, per-stage times): filled in by the method
+    report: dict = field(default_factory=dict)
 
     @cached_property
     def calibration(self) -> torch.Tensor:
