@@ -101,18 +101,19 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
         # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
         # The hook sits on the quantizer, so it sees the input after any online rotation.
         hessian = HessianAccumulator(linears[0].in_features, hidden.device)
-        seen = set()
+        last_input: list[torch.Tensor] = []
 
         def accumulate(_module, args):
-            # the shared quantizer runs once per linear of the group; count each input tensor once
-            if id(args[0]) not in seen:
-                seen.add(id(args[0]))
+            # the shared quantizer runs once per linear of the group; count each input tensor once (the
+            # reference held in last_input keeps the identity check safe from id reuse)
+            if not last_input or last_input[0] is not args[0]:
+                last_input[:] = [args[0]]
                 hessian.add(args[0])
 
         handle = linears[0].act_quantizer.register_forward_pre_hook(accumulate)
         try:
             for start in range(0, hidden.shape[0], batch_size):
-                seen.clear()
+                last_input.clear()
                 run_block(block, hidden[start:start + batch_size], block_kwargs, batch_size)
         finally:
             handle.remove()

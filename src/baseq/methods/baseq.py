@@ -46,13 +46,13 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
     activations, as BASE-Q initialises its biases."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
-    seen: set[int] = set()
+    last_input: dict[nn.Module, torch.Tensor] = {}
 
     def hook(module, args):
         x = args[0]
-        if id(x) in seen:  # a shared quantizer is called once per reading linear
+        if last_input.get(module) is x:  # a shared quantizer is called once per reading linear
             return
-        seen.add(id(x))
+        last_input[module] = x
         if isinstance(module, KVQuantizer):  # [b, heads, seq, hd]
             total, n = x.double().sum(dim=(0, 2)), x.shape[0] * x.shape[2]
         else:
@@ -64,7 +64,7 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
     try:
         with activation_quantization_disabled(block):
             for start in range(0, hidden.shape[0], batch_size):
-                seen.clear()
+                last_input.clear()
                 run_block(block, hidden[start:start + batch_size], block_kwargs, batch_size)
     finally:
         for h in handles:

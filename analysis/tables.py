@@ -1,0 +1,470 @@
+"""The paper's tables and plots, regenerated from run records.
+
+    python -m analysis.tables <results_dir> [--out DIR] [--quant w4a4kv4] [--method baseq]
+
+Reads <results_dir>/runs/*.json and writes to --out (default <results_dir>/analysis):
+
+    table1.{md,tex,csv}      zero-shot average and WikiText-2 ppl per model x method (fp, quarot, spinquant,
+                             ostquant, baseq), ours next to the paper's
+    table2.{md,tex,csv}      the ablation ladder: methods baseq_ablation/<rung> in the order of LADDER, with the
+                             change from the previous rung, then SpinQuant and OSTQuant (the paper's Table 2)
+    appendix_a.{md,tex,csv}  zero-shot accuracy per task (the paper's Appendix A, Tables 3-5)
+    gap_closed.{md,tex,csv}  the share of the gap to full precision that --method closes relative to QuaRot,
+                             SpinQuant and OSTQuant (DESIGN.md section 7), accuracy and ppl
+    ppl_by_method.png, accuracy_by_method.png
+
+Which runs count: status "done" only; per (model, method, quant) the newest record (by finished_at). A
+record's comparison methods (metrics.compare) count as runs of those methods, below standalone records of
+the same key. Full precision ignores the quant preset, so fp runs of any preset are one key per model.
+Missing runs are blank cells, never zeros. Accuracies are in percent, as the records and the paper hold them.
+
+The paper's numbers are analysis/paper_reference.csv, transcribed from the paper's text (seeds/
+base-q-paper.txt, an OCR of the PDF): one row per (source table, model, method, metric) with a confidence:
+"ok" (legible), "uncertain" (a best reading; shown with a "?" suffix), "illegible" or "oom" (blank). Its
+notes say where the paper's own numbers disagree (Table 1 vs the appendix, printed averages vs the mean of
+the printed per-task values). Lookups prefer Table 1, then the appendix tables, then Table 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "openbookqa", "piqa", "social_iqa",
+         "winogrande")
+TASK_LABELS = ("ARC-c", "ARC-e", "BoolQ", "HellaS.", "Lam.", "OBQA", "PIQA", "SIQA", "WinoG.")
+TABLE1_METHODS = ("fp", "quarot", "spinquant", "ostquant", "baseq")
+BASELINES = ("quarot", "spinquant", "ostquant")
+METHOD_LABELS = {"fp": "Full precision", "rtn": "RTN", "quarot": "QuaRot", "spinquant": "SpinQuant",
+                 "ostquant": "OSTQuant", "baseq": "BASE-Q"}
+ABLATION_PREFIX = "baseq_ablation"
+# The paper's Table 2, top to bottom: each rung adds one component to the one above.
+LADDER = ("quarot", "rv", "rv_bias", "rv_bias_ascale", "full")
+LADDER_LABELS = {"quarot": "QuaRot", "rv": "+ learned R_v", "rv_bias": "+ bias correction",
+                 "rv_bias_ascale": "+ unpaired (asymmetric) scale", "full": "+ paired scale (BASE-Q)"}
+# The paper's model order (Table 1); models of ours that are not in it follow, alphabetically.
+MODEL_ORDER = ("qwen2.5-3b", "qwen2.5-14b", "qwen2.5-32b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b",
+               "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "llama-3.2-3b")
+TABLE2_MODELS = ("qwen2.5-3b", "llama-2-7b", "llama-3-8b")
+FP_QUANT = "-"   # the quant key of full-precision runs
+METRICS = ("zeroshot_avg", "wikitext2_ppl", *TASKS)
+REFERENCE_CSV = Path(__file__).with_name("paper_reference.csv")
+REFERENCE_SOURCES = ("table1", "table3", "table4", "table5", "table2")
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class Run:
+    model: str
+    method: str
+    quant: str
+    finished_at: str
+    run_id: str
+    standalone: bool              # False: a comparison method inside another record
+    metrics: dict[str, float]     # METRICS present in the record
+
+
+def _metrics_of(metrics: dict) -> dict[str, float]:
+    out = {}
+    for key in ("zeroshot_avg", "wikitext2_ppl"):
+        if isinstance(metrics.get(key), (int, float)):
+            out[key] = float(metrics[key])
+    for task, score in (metrics.get("zeroshot") or {}).items():
+        if task in TASKS and isinstance(score, (int, float)):
+            out[task] = float(score)
+    return out
+
+
+def read_runs(results_dir: str | Path) -> list[Run]:
+    """Every done record under <results_dir>/runs, and the comparison methods inside them."""
+    runs = []
+    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"warning: skipping unreadable record {path}: {err}")
+            continue
+        if record.get("status") != "done":
+            continue
+        stamp = record.get("finished_at") or ""
+        metrics = record.get("metrics") or {}
+        runs.append(Run(record["model"], record["method"], _quant_key(record["method"], record["quant"]), stamp,
+                        record.get("run_id", path.stem), True, _metrics_of(metrics)))
+        for method, compared in (metrics.get("compare") or {}).items():
+            runs.append(Run(record["model"], method, _quant_key(method, record["quant"]), stamp,
+                            record.get("run_id", path.stem), False, _metrics_of(compared)))
+    return runs
+
+
+def _quant_key(method: str, quant: str) -> str:
+    return FP_QUANT if method == "fp" else quant
+
+
+def latest_runs(runs: Iterable[Run]) -> dict[tuple[str, str, str], Run]:
+    """The run that counts per (model, method, quant): standalone before comparison, then the newest."""
+    chosen: dict[tuple[str, str, str], Run] = {}
+    for run in sorted(runs, key=lambda r: (r.standalone, r.finished_at)):
+        chosen[(run.model, run.method, run.quant)] = run
+    return chosen
+
+
+class Results:
+    """Our numbers for one quant preset: value(model, method, metric) or None."""
+
+    def __init__(self, runs: Iterable[Run], quant: str):
+        self.quant = quant
+        self.by_key = {(m, me): r for (m, me, q), r in latest_runs(runs).items() if q in (quant, FP_QUANT)}
+
+    def value(self, model: str, method: str, metric: str) -> float | None:
+        run = self.by_key.get((model, method))
+        return None if run is None else run.metrics.get(metric)
+
+    def models(self) -> list[str]:
+        return order_models({m for m, _ in self.by_key})
+
+    def methods(self, model: str) -> list[str]:
+        return [me for m, me in self.by_key if m == model]
+
+
+def order_models(models: Iterable[str]) -> list[str]:
+    models = set(models)
+    return [m for m in MODEL_ORDER if m in models] + sorted(models - set(MODEL_ORDER))
+
+
+# ---------------------------------------------------------------------------------------- paper numbers
+
+
+@dataclass(frozen=True)
+class PaperValue:
+    value: float
+    uncertain: bool
+
+
+class PaperReference:
+    """The paper's numbers (analysis/paper_reference.csv): value(model, method, metric) or None."""
+
+    def __init__(self, path: Path = REFERENCE_CSV):
+        self.cells: dict[tuple[str, str, str, str], PaperValue] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row["value"].strip():
+                    self.cells[(row["source"], row["model"], row["method"], row["metric"])] = PaperValue(
+                        float(row["value"]), row["confidence"] == "uncertain")
+
+    def value(self, model: str, method: str, metric: str) -> PaperValue | None:
+        for source in REFERENCE_SOURCES:
+            found = self.cells.get((source, model, method, metric))
+            if found is not None:
+                return found
+        return None
+
+    def models(self) -> list[str]:
+        return order_models({model for _, model, _, _ in self.cells})
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    """Rows of label strings, floats and None (blank); `uncertain` cells print with a '?' suffix."""
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    uncertain: set[tuple[int, int]] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *cells: Any) -> None:
+        row = []
+        for j, cell in enumerate(cells):
+            if isinstance(cell, PaperValue):
+                if cell.uncertain:
+                    self.uncertain.add((len(self.rows), j))
+                cell = cell.value
+            row.append(cell)
+        self.rows.append(row)
+
+    def text(self, i: int, j: int) -> str:
+        cell = self.rows[i][j]
+        if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+            return ""
+        if isinstance(cell, float):
+            return f"{cell:.2f}" + ("?" if (i, j) in self.uncertain else "")
+        return str(cell)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" if j == 0 or isinstance(self._first_value(j), str) else "---:"
+                                for j in range(len(self.columns))) + "|"]
+        for i in range(len(self.rows)):
+            lines.append("| " + " | ".join(self.text(i, j) for j in range(len(self.columns))) + " |")
+        return "\n".join(lines + [""] + [f"{n}  " for n in self.notes]) + "\n"
+
+    def latex(self) -> str:
+        align = "".join("l" if isinstance(self._first_value(j), str) else "r" for j in range(len(self.columns)))
+        lines = [f"% {self.title}", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
+                 " & ".join(_tex(c) for c in self.columns) + " \\\\", "\\midrule"]
+        for i in range(len(self.rows)):
+            lines.append(" & ".join(_tex(self.text(i, j)) for j in range(len(self.columns))) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}"] + [f"% {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            for row in self.rows:
+                writer.writerow(["" if c is None else round(c, 4) if isinstance(c, float) else c for c in row])
+
+    def write(self, out: Path) -> list[Path]:
+        paths = [out / f"{self.name}.md", out / f"{self.name}.tex", out / f"{self.name}.csv"]
+        paths[0].write_text(self.markdown())
+        paths[1].write_text(self.latex())
+        self.write_csv(paths[2])
+        return paths
+
+    def _first_value(self, j: int) -> Any:
+        return next((row[j] for row in self.rows if row[j] is not None), "")
+
+
+def _tex(text: str) -> str:
+    for char, escaped in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def method_label(method: str) -> str:
+    if method.startswith(ABLATION_PREFIX + "/"):
+        rung = method.split("/", 1)[1]
+        return LADDER_LABELS.get(rung, rung)
+    return METHOD_LABELS.get(method, method)
+
+
+UNCERTAIN_NOTE = "? = uncertain transcription of the paper (analysis/paper_reference.csv); blank = no run / not reported."
+
+
+def table1(ours: Results, paper: PaperReference) -> Table:
+    table = Table("table1", f"Table 1: WikiText-2 ppl and 9-task zero-shot average, {ours.quant}",
+                  ["model", "method", "0-shot avg", "0-shot avg (paper)", "Wiki2 ppl", "Wiki2 ppl (paper)"],
+                  notes=[UNCERTAIN_NOTE])
+    for model in ours.models():
+        for method in TABLE1_METHODS:
+            table.add(model, method_label(method),
+                      ours.value(model, method, "zeroshot_avg"), paper.value(model, method, "zeroshot_avg"),
+                      ours.value(model, method, "wikitext2_ppl"), paper.value(model, method, "wikitext2_ppl"))
+    return table
+
+
+def ladder_methods(methods: Iterable[str]) -> list[str]:
+    """baseq_ablation/<rung> methods in ladder order; unknown rungs after, alphabetically."""
+    rungs = {m.split("/", 1)[1] for m in methods if m.startswith(ABLATION_PREFIX + "/")}
+    ordered = [r for r in LADDER if r in rungs] + sorted(rungs - set(LADDER))
+    return [f"{ABLATION_PREFIX}/{r}" for r in ordered]
+
+
+def table2(ours: Results, paper: PaperReference) -> Table:
+    table = Table("table2", f"Table 2: ablation ladder, WikiText-2 ppl, {ours.quant} (change from the rung above)",
+                  ["model", "method", "Wiki2 ppl", "change", "Wiki2 ppl (paper)", "change (paper)"],
+                  notes=[UNCERTAIN_NOTE])
+    ablated = [m for m in ours.models() if ladder_methods(ours.methods(m))]
+    all_methods = {me for m in ablated for me in ours.methods(m)}
+    ladder = ladder_methods([f"{ABLATION_PREFIX}/{r}" for r in LADDER] + list(all_methods))
+    for model in order_models(set(ablated) | set(TABLE2_MODELS)):
+        previous_ours = previous_paper = None
+        for method in ladder:
+            mine = ours.value(model, method, "wikitext2_ppl")
+            theirs = paper.value(model, method, "wikitext2_ppl")
+            table.add(model, method_label(method), mine, _delta(mine, previous_ours), theirs,
+                      _delta(theirs.value if theirs else None, previous_paper))
+            previous_ours, previous_paper = mine, theirs.value if theirs else None
+        for method in ("spinquant", "ostquant"):
+            table.add(model, method_label(method), ours.value(model, method, "wikitext2_ppl"), None,
+                      paper.value(model, method, "wikitext2_ppl"), None)
+    return table
+
+
+def _delta(value: float | None, previous: float | None) -> float | None:
+    return None if value is None or previous is None else value - previous
+
+
+def appendix_a(ours: Results, paper: PaperReference) -> Table:
+    table = Table("appendix_a", f"Appendix A: zero-shot accuracy per task (%), {ours.quant}",
+                  ["model", "method", "source", *TASK_LABELS, "Avg.", "Wiki2"], notes=[UNCERTAIN_NOTE])
+    for model in ours.models():
+        present = ours.methods(model)
+        methods = [m for m in TABLE1_METHODS] + sorted(set(present) - set(TABLE1_METHODS))
+        for method in methods:
+            table.add(model, method_label(method), "ours",
+                      *(ours.value(model, method, m) for m in (*TASKS, "zeroshot_avg", "wikitext2_ppl")))
+            reported = [paper.value(model, method, m) for m in (*TASKS, "zeroshot_avg", "wikitext2_ppl")]
+            if any(reported):
+                table.add(model, method_label(method), "paper", *reported)
+    return table
+
+
+def _gap(fp: float, value: float, higher_is_better: bool) -> float:
+    """How far `value` is behind full precision (positive = worse)."""
+    return fp - value if higher_is_better else value - fp
+
+
+def gap_closed(fp: float | None, method: float | None, baseline: float | None, higher_is_better: bool) -> float | None:
+    """1 - (FP - M) / (FP - B) in percent (DESIGN.md section 7; for ppl the gaps are M - FP and B - FP). None
+    when a value is missing or the baseline has no gap to close."""
+    if fp is None or method is None or baseline is None:
+        return None
+    gap_b = _gap(fp, baseline, higher_is_better)
+    return None if gap_b <= 0 else 100.0 * (1.0 - _gap(fp, method, higher_is_better) / gap_b)
+
+
+def mean_gap_closed(lookup, models: list[str], method: str, baseline: str, metric: str) -> float | None:
+    """The paper's headline form: 1 - mean(gap of M) / mean(gap of B) over the models that have FP, M and B."""
+    higher = metric != "wikitext2_ppl"
+    gaps_m, gaps_b = [], []
+    for model in models:
+        fp, m, b = (lookup(model, x, metric) for x in ("fp", method, baseline))
+        if None not in (fp, m, b):
+            gaps_m.append(_gap(fp, m, higher))
+            gaps_b.append(_gap(fp, b, higher))
+    if not gaps_b or statistics.fmean(gaps_b) <= 0:
+        return None
+    return 100.0 * (1.0 - statistics.fmean(gaps_m) / statistics.fmean(gaps_b))
+
+
+def gap_table(ours: Results, paper: PaperReference, method: str) -> Table:
+    table = Table("gap_closed", f"Gap to full precision closed by {method_label(method)} (%), {ours.quant}",
+                  ["model", "vs", "acc gap closed", "acc gap closed (paper)", "ppl gap closed",
+                   "ppl gap closed (paper)"],
+                  notes=["gap closed = 1 - (FP - M) / (FP - B) (DESIGN.md section 7; for ppl: lower is better). "
+                         "'all' rows: 1 - mean(FP - M) / mean(FP - B) over the models with FP, M and B, the "
+                         "paper's column over the same models."])
+
+    def ours_value(model, m, metric):
+        return ours.value(model, m, metric)
+
+    def paper_value(model, m, metric):
+        found = paper.value(model, m, metric)
+        return found.value if found else None
+
+    models = [m for m in ours.models() if ours.value(m, "fp", "wikitext2_ppl") is not None
+              or ours.value(m, "fp", "zeroshot_avg") is not None]
+    for model in models:
+        for baseline in BASELINES:
+            cells = []
+            for metric in ("zeroshot_avg", "wikitext2_ppl"):
+                higher = metric != "wikitext2_ppl"
+                cells += [gap_closed(*(ours_value(model, x, metric) for x in ("fp", method, baseline)), higher),
+                          gap_closed(*(paper_value(model, x, metric) for x in ("fp", method, baseline)), higher)]
+            table.add(model, method_label(baseline), *cells)
+    for baseline in BASELINES:
+        cells = []
+        for metric in ("zeroshot_avg", "wikitext2_ppl"):
+            mine = mean_gap_closed(ours_value, models, method, baseline, metric)
+            # the paper's column over the same models as ours (those with all three of ours)
+            common = [m for m in models if None not in (ours_value(m, x, metric) for x in ("fp", method, baseline))]
+            theirs = mean_gap_closed(paper_value, common, method, baseline, metric)
+            cells += [mine, theirs]
+        table.add("all", method_label(baseline), *cells)
+    headline = paper_headline(paper, method)
+    if headline:
+        table.notes.append("The paper's own headline (accuracy, mean over the 8 models with all methods): "
+                           + ", ".join(f"{v:.1f}% vs {method_label(b)}" for b, v in headline.items()) + ".")
+    return table
+
+
+def paper_headline(paper: PaperReference, method: str) -> dict[str, float]:
+    """The paper's 'gap narrowed by X%' numbers, recomputed from its Table 1 over the models where it reports
+    every method (8 models: OSTQuant runs out of memory on the others)."""
+    def value(model, m, metric):
+        found = paper.value(model, m, metric)
+        return found.value if found else None
+
+    complete = [m for m in paper.models()
+                if all(value(m, x, "zeroshot_avg") is not None for x in ("fp", method, *BASELINES))]
+    out = {}
+    for baseline in BASELINES:
+        closed = mean_gap_closed(value, complete, method, baseline, "zeroshot_avg")
+        if closed is not None:
+            out[baseline] = closed
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def plot_metric(ours: Results, paper: PaperReference, metric: str, path: Path, ylabel: str, log_scale: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = ours.models()
+    cols = min(3, max(1, len(models)))
+    rows = max(1, math.ceil(len(models) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, model in zip(axes.flat, models):
+        methods = [m for m in TABLE1_METHODS] + sorted(set(ours.methods(model)) - set(TABLE1_METHODS))
+        xs = range(len(methods))
+        mine = [ours.value(model, m, metric) for m in methods]
+        ax.bar([x for x, v in zip(xs, mine) if v is not None], [v for v in mine if v is not None],
+               color="tab:blue", label="ours")
+        reported = [paper.value(model, m, metric) for m in methods]
+        ax.scatter([x for x, v in zip(xs, reported) if v is not None], [v.value for v in reported if v is not None],
+                   marker="x", color="black", zorder=3, label="paper")
+        ax.set_xticks(list(xs), [method_label(m) for m in methods], rotation=45, ha="right", fontsize=7)
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def write_all(results_dir: str | Path, out: str | Path | None = None, quant: str = "w4a4kv4",
+              method: str = "baseq", reference: Path = REFERENCE_CSV) -> list[Path]:
+    out = Path(out) if out else Path(results_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    ours = Results(read_runs(results_dir), quant)
+    paper = PaperReference(reference)
+    written: list[Path] = []
+    for table in (table1(ours, paper), table2(ours, paper), appendix_a(ours, paper), gap_table(ours, paper, method)):
+        written += table.write(out)
+    if ours.models():
+        written.append(plot_metric(ours, paper, "wikitext2_ppl", out / "ppl_by_method.png", "WikiText-2 ppl (log)",
+                                   log_scale=True))
+        written.append(plot_metric(ours, paper, "zeroshot_avg", out / "accuracy_by_method.png",
+                                   "zero-shot avg (%)", log_scale=False))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", type=Path, help="a results_dir holding runs/*.json")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <results_dir>/analysis)")
+    parser.add_argument("--quant", default="w4a4kv4", help="the quant preset of the tables (default: w4a4kv4)")
+    parser.add_argument("--method", default="baseq", help="the method whose gap closing is computed")
+    args = parser.parse_args(argv)
+    if not (args.results_dir / "runs").is_dir():
+        parser.error(f"{args.results_dir} has no runs/ folder; give the results_dir of the runs")
+    for path in write_all(args.results_dir, args.out, args.quant, args.method):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
