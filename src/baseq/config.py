@@ -44,6 +44,8 @@ class ModelConfig:
     path: str = MISSING
     dtype: DType = DType.auto
     revision: Optional[str] = None
+    # keep only the first N decoder blocks (e.g. to show memory does not grow with depth); null = all
+    num_layers: Optional[int] = None
 
 
 @dataclass

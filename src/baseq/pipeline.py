@@ -89,7 +89,7 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
         seed_everything(cfg.seed)
         with timer.stage("load_model"):
             model, tokenizer, family = load_model(cfg.model.path, enum_value(cfg.model.dtype), device,
-                                                  cfg.model.revision)
+                                                  cfg.model.revision, cfg.model.num_layers)
         with timer.stage("load_eval_data"):
             text, sources["wikitext2_test"] = data.wikitext2_text("test", cfg.data_root)
             windows = data.perplexity_windows(data.tokenize(tokenizer, text), cfg.eval.ppl.seqlen,
@@ -129,9 +129,9 @@ def summary_table(record: dict) -> str:
     fp = next((m["wikitext2_ppl"] for name, m in rows if name == "fp"), None)
     lines = [f"{record['model']}  {record['quant']}  protocol={record['protocol']}  "
              f"({metrics.get('wikitext2_windows', '?')} WikiText-2 windows)",
-             f"{'method':<12}{'wikitext2 ppl':>15}{'vs fp':>10}"]
+             f"{"method":<28}{"wikitext2 ppl":>15}{"vs fp":>12}"]
     for name, m in rows:
         delta = f"{m['wikitext2_ppl'] - fp:+.3f}" if fp is not None and name != "fp" else ""
-        lines.append(f"{name:<12}{m['wikitext2_ppl']:>15.3f}{delta:>10}")
+        lines.append(f"{name:<28}{m["wikitext2_ppl"]:>15.3f}{delta:>12}")
     lines.append(f"record: {record['record_path']}")
     return "\n".join(lines)

@@ -249,6 +249,21 @@ def load_tasks(tasks: list[str], data_root: Path | None) -> tuple[object, dict]:
     return manager, loaded
 
 
+def data_sources(tasks: list[str], data_root: Path | None) -> dict[str, str]:
+    """What each task reads, for the run record: local:<files> or hub:<dataset>[/<config>]."""
+    if data_root is not None:
+        return {t: "local:" + ",".join(str(Path(data_root) / rel) for rel in LOCAL_FILES[t].files) for t in tasks}
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = _stock_task_manager(tasks)
+    sources = {}
+    for task in tasks:
+        cfg = load_yaml(manager.task_index[task].yaml_path, resolve_func=False)
+        name = cfg.get("dataset_name")
+        sources[task] = f"hub:{cfg['dataset_path']}" + (f"/{name}" if name else "")
+    return sources
+
+
 def headline_metric(task_result: dict) -> tuple[str, float]:
     """acc_norm where the task reports it, else acc (lm-eval keys are '<metric>,<filter>')."""
     for metric in ("acc_norm", "acc"):

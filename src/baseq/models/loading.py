@@ -74,7 +74,18 @@ def choose_dtype(name: str, path: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
-def load_model(path: str, dtype: str, device: torch.device, revision: str | None = None):
+def truncate_blocks(model, family, num_layers: int) -> None:
+    blocks = family.blocks(model)
+    if not 1 <= num_layers <= len(blocks):
+        raise UserError(f"model.num_layers={num_layers} but the model has {len(blocks)} blocks; use 1..{len(blocks)}")
+    del blocks[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def load_model(path: str, dtype: str, device: torch.device, revision: str | None = None,
+               num_layers: int | None = None):
     """Returns (model on the host, tokenizer, family). The model stays on the host; each stage moves what
     it needs to the device."""
     resolved = resolve_model_path(path)
@@ -94,4 +105,7 @@ def load_model(path: str, dtype: str, device: torch.device, revision: str | None
         raise UserError(f"cannot load model {path!r}: {first[:300]}") from err
     model.eval()
     model.config.use_cache = False
-    return model, tokenizer, family_of(model)
+    family = family_of(model)
+    if num_layers is not None:
+        truncate_blocks(model, family, num_layers)
+    return model, tokenizer, family
