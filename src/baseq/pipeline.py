@@ -129,9 +129,9 @@ def summary_table(record: dict) -> str:
     fp = next((m["wikitext2_ppl"] for name, m in rows if name == "fp"), None)
     lines = [f"{record['model']}  {record['quant']}  protocol={record['protocol']}  "
              f"({metrics.get('wikitext2_windows', '?')} WikiText-2 windows)",
-             f"{"method":<28}{"wikitext2 ppl":>15}{"vs fp":>12}"]
+             f"{'method':<28}{'wikitext2 ppl':>15}{'vs fp':>12}"]
     for name, m in rows:
         delta = f"{m['wikitext2_ppl'] - fp:+.3f}" if fp is not None and name != "fp" else ""
-        lines.append(f"{name:<28}{m["wikitext2_ppl"]:>15.3f}{delta:>12}")
+        lines.append(f"{name:<28}{m['wikitext2_ppl']:>15.3f}{delta:>12}")
     lines.append(f"record: {record['record_path']}")
     return "\n".join(lines)
