@@ -28,5 +28,6 @@ for job in "${ORDER[@]}"; do
   echo "$(date -u +%FT%TZ) start $job" >> "$L/progress"
   # shellcheck disable=SC2086
   python run.py "${common[@]}" ${JOBS[$job]} > "$L/$job.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $job rc=$?" >> "$L/progress"
+  rc=$?
+  echo "$(date -u +%FT%TZ) end $job rc=$rc" >> "$L/progress"
 done
