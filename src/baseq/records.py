@@ -23,7 +23,8 @@ PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "omegaconf", "g
 
 def new_run_id(model: str, method: str, quant: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"{stamp}_{model}_{method}_{quant}_{secrets.token_hex(3)}"
+    label = f"{model}_{method}_{quant}".replace("/", "-")  # ablation names hold a slash
+    return f"{stamp}_{label}_{secrets.token_hex(3)}"
 
 
 def package_versions() -> dict[str, str | None]:

@@ -67,7 +67,7 @@ def run_key(cfg: DictConfig | dict) -> str:
 
 
 def find_done_record(results_dir: str | Path, key: str) -> dict | None:
-    """The newest `done` record of `key` under <results_dir>/runs, or None."""
+    """The newest `done` record of `key` under <results_dir>/runs (with its "record_path"), or None."""
     runs = Path(results_dir) / "runs"
     found = []
     for path in runs.glob("*.json") if runs.is_dir() else ():
@@ -76,7 +76,7 @@ def find_done_record(results_dir: str | Path, key: str) -> dict | None:
         except (OSError, json.JSONDecodeError):   # a record being replaced, or not a record
             continue
         if record.get("run_key") == key and record.get("status") == "done":
-            found.append(record)
+            found.append({**record, "record_path": str(path)})
     return max(found, key=lambda r: r.get("finished_at") or "", default=None)
 
 

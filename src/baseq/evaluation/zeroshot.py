@@ -22,11 +22,12 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import UserError
+
+if TYPE_CHECKING:   # torch and lm-eval load on first evaluation: config validation imports this module
+    import torch
 
 log = logging.getLogger("baseq")
 
@@ -176,11 +177,13 @@ def local_data_file(task: str, data_root: Path) -> Path:
     return out
 
 
-def _stock_task_manager(tasks: list[str]):
+def stock_task_manager(tasks: list[str]):
+    """An lm-eval TaskManager over the folders of lm-eval's own definitions of `tasks` (datasets: the hub)."""
     from importlib.resources import files
 
     from lm_eval.tasks import TaskManager
 
+    check_tasks(tasks)
     root = Path(str(files("lm_eval") / "tasks"))
     dirs = sorted({root / STOCK_TASK_DIRS[t] for t in tasks})
     manager = TaskManager(include_path=[str(d) for d in dirs], include_defaults=False)
@@ -206,38 +209,32 @@ def _local_task_yaml(stock_yaml: Path, stock_cfg: dict, data_file: Path) -> dict
     }
 
 
-def task_manager(tasks: list[str], data_root: Path | None, yaml_dir: Path | None = None):
-    """An lm-eval TaskManager that knows `tasks`: the stock ones (data_root None: the hub), or their local
-    re-declarations, written to yaml_dir (needed with a data root; `lm_eval --include_path yaml_dir` reads
-    the same files)."""
+def local_task_manager(tasks: list[str], data_root: Path, yaml_dir: Path):
+    """An lm-eval TaskManager whose `tasks` read the local copies under data_root: one YAML per task in
+    yaml_dir, each including the stock definition (`lm_eval --include_path yaml_dir` reads the same)."""
     import yaml
     from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._yaml_loader import load_yaml
 
-    check_tasks(tasks)
-    stock = _stock_task_manager(tasks)
-    if data_root is None:
-        return stock
+    stock = stock_task_manager(tasks)
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise UserError(f"data_root {data_root} is not a directory")
-    if yaml_dir is None:
-        raise ValueError("task_manager needs a yaml_dir for the local task definitions")
     yaml_dir = Path(yaml_dir)
     yaml_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        stock_yaml = Path(stock.task_index[task].yaml_path)
-        stock_cfg = load_yaml(stock_yaml, resolve_func=False)
-        cfg = _local_task_yaml(stock_yaml, stock_cfg, local_data_file(task, data_root))
+        entry = stock.task_index[task]   # entry.cfg: the stock YAML with its includes merged
+        cfg = _local_task_yaml(Path(entry.yaml_path), entry.cfg, local_data_file(task, data_root))
         (yaml_dir / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return TaskManager(include_path=str(yaml_dir), include_defaults=False)
 
 
 def load_tasks(tasks: list[str], data_root: Path | None) -> tuple[object, dict]:
-    """(task manager, {name: lm-eval Task}) with the datasets loaded; hub failures become one-line errors."""
+    """(task manager, {name: lm-eval Task}) with the datasets loaded: from the local copies under data_root,
+    or from the hub when data_root is None; hub failures become one-line errors."""
     # the generated YAMLs are only read while the tasks are built; the Task objects hold their datasets
     with tempfile.TemporaryDirectory(prefix="baseq-zeroshot-tasks-") as yaml_dir:
-        manager = task_manager(tasks, data_root, Path(yaml_dir))
+        manager = (stock_task_manager(tasks) if data_root is None
+                   else local_task_manager(tasks, Path(data_root), Path(yaml_dir)))
         loaded = {}
         for name in tasks:
             try:
@@ -253,14 +250,11 @@ def data_sources(tasks: list[str], data_root: Path | None) -> dict[str, str]:
     """What each task reads, for the run record: local:<files> or hub:<dataset>[/<config>]."""
     if data_root is not None:
         return {t: "local:" + ",".join(str(Path(data_root) / rel) for rel in LOCAL_FILES[t].files) for t in tasks}
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    manager = _stock_task_manager(tasks)
+    index = stock_task_manager(tasks).task_index
     sources = {}
     for task in tasks:
-        cfg = load_yaml(manager.task_index[task].yaml_path, resolve_func=False)
-        name = cfg.get("dataset_name")
-        sources[task] = f"hub:{cfg['dataset_path']}" + (f"/{name}" if name else "")
+        cfg = index[task].cfg
+        sources[task] = f"hub:{cfg['dataset_path']}" + (f"/{cfg['dataset_name']}" if cfg.get("dataset_name") else "")
     return sources
 
 
@@ -272,7 +266,6 @@ def headline_metric(task_result: dict) -> tuple[str, float]:
     raise KeyError(f"lm-eval reported neither acc_norm nor acc: {sorted(task_result)}")
 
 
-@torch.no_grad()
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None, limit: int | None,
                       batch_size: int, device: torch.device) -> dict:
     """{"zeroshot": {task: accuracy in percent}, "zeroshot_avg": their mean}.
@@ -290,7 +283,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None
     manager, loaded = load_tasks(tasks, data_root)
     home = next(model.parameters()).device
     model.to(device)
-    try:
+    try:   # (lm-eval runs the model under torch.no_grad itself)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # bootstrap_iters=0: no stderr bootstrap (100k resamples per task otherwise); log_samples=False
         # keeps every document's outputs out of memory

@@ -102,7 +102,8 @@ def quantize(model, family, ctx) -> None:
         # stage 1: equivalence transforms and clips, against RTN-quantized weights
         start = time.perf_counter()
         if stage1 and m.stage1_epochs > 0:
-            transforms = BlockTransforms(block, family, head_dim, m.paired_scale, m.learn_rv, m.rv_per_kv_head)
+            transforms = BlockTransforms(block, family, head_dim, m.paired_scale, m.learn_rv,
+                                         m.rv_per_kv_head).to(device)
             for lin in quant_linears(block):
                 lin.weight_quantizer = RTNWeightQuantizer(q.w_bits)
             inputs_1 = _select(train_inputs, x_fp, x_q)
