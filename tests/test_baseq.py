@@ -88,7 +88,7 @@ def run_baseq(seed=0, **overrides):
     torch.manual_seed(123)
     model = tiny_llama(hidden=64, ffn=192, heads=4, kv_heads=2, layers=2, dtype=torch.float32)
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
-    ctx = make_ctx(ids, stage1_epochs=2, stage2_epochs=2, **overrides)
+    ctx = make_ctx(ids, stage1_epochs=2, stage2_epochs=2, train_batch_size=1, **overrides)
     torch.manual_seed(seed)
     METHODS["baseq"](model, family_of(model), ctx)
     return model, ids, ctx.report

@@ -111,7 +111,7 @@ class BaseQConfig(MethodConfig):
     learn_clip: bool = True
     stage1_epochs: int = 3
     stage2_epochs: int = 5
-    train_batch_size: int = 1
+    train_batch_size: int = 4        # not given in the paper
     train_inputs: BlockInputs = BlockInputs.fp
     gptq_inputs: BlockInputs = BlockInputs.quantized
     lr: LearningRates = field(default_factory=LearningRates)
