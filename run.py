@@ -26,18 +26,28 @@ def compose_method(name: str) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from baseq import sweep, tracking
     from baseq.pipeline import run_job, summary_table  # heavy (torch, transformers): after config checks
 
     try:
         validate(cfg)
         check_group_choices([f"method={name}" for name in cfg.compare_with], CONF_DIR)
         compare = {name: compose_method(name) for name in cfg.compare_with if name != cfg.method.name}
-        record = run_job(cfg, compare)
+        key = sweep.run_key(cfg)
+        outcome = sweep.run_once(cfg.results_dir, key, lambda: run_job(cfg, compare, run_key=key),
+                                 resume=cfg.resume, description=sweep.describe(cfg))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    print(summary_table(record))
-    return record["metrics"]["wikitext2_ppl"]
+    if outcome.status == "already_done":
+        print(f"skipped {sweep.describe(cfg)}: done in {outcome.record['record_path']} (resume=false runs it again)")
+    elif outcome.status == "in_progress":
+        print(f"skipped {sweep.describe(cfg)}: another job is running it ({outcome.holder})", file=sys.stderr)
+        return None
+    else:
+        tracking.log_run(outcome.record, cfg, HydraConfig.get().runtime.output_dir)
+        print(summary_table(outcome.record))
+    return outcome.record["metrics"].get("wikitext2_ppl")
 
 
 if __name__ == "__main__":

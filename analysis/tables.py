@@ -96,12 +96,19 @@ def read_runs(results_dir: str | Path) -> list[Run]:
             continue
         stamp = record.get("finished_at") or ""
         metrics = record.get("metrics") or {}
-        runs.append(Run(record["model"], record["method"], _quant_key(record["method"], record["quant"]), stamp,
+        model = _model_label(record)
+        runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp,
                         record.get("run_id", path.stem), True, _metrics_of(metrics)))
         for method, compared in (metrics.get("compare") or {}).items():
-            runs.append(Run(record["model"], method, _quant_key(method, record["quant"]), stamp,
+            runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp,
                             record.get("run_id", path.stem), False, _metrics_of(compared)))
     return runs
+
+
+def _model_label(record: dict) -> str:
+    # a model cut to its first N blocks (model.num_layers, e.g. experiment=smoke) is another model
+    blocks = ((record.get("config") or {}).get("model") or {}).get("num_layers")
+    return f"{record['model']} ({blocks} blocks)" if blocks else record["model"]
 
 
 def _quant_key(method: str, quant: str) -> str:

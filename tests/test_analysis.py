@@ -45,6 +45,10 @@ def results(tmp_path) -> Path:
     # a default run: quarot with full precision and RTN as comparisons inside it
     record(r, "smol", "smollm2-135m", "quarot", 30.0, compare={"fp": {"wikitext2_ppl": 22.0},
                                                                  "rtn": {"wikitext2_ppl": 500.0}})
+    # a smoke run on the model cut to 4 blocks is not a run of the model
+    record(r, "smoke", "smollm2-135m", "quarot", 9e7, finished_at="2027-01-01T00:00:00")
+    smoke = json.loads((r / "runs" / "smoke.json").read_text())
+    (r / "runs" / "smoke.json").write_text(json.dumps({**smoke, "config": {"model": {"num_layers": 4}}}))
     return r
 
 
@@ -80,6 +84,8 @@ def test_table1_counts_the_newest_done_run_and_leaves_missing_ones_blank(results
     assert float(ost["Wiki2 ppl (paper)"]) == 5.92 and float(ost["0-shot avg (paper)"]) == 62.08
     # comparison methods inside a record count as runs
     assert float(t1[("smollm2-135m", "Full precision")]["Wiki2 ppl"]) == 22.0
+    assert float(t1[("smollm2-135m", "QuaRot")]["Wiki2 ppl"]) == 30.0
+    assert float(t1[("smollm2-135m (4 blocks)", "QuaRot")]["Wiki2 ppl"]) == 9e7
     assert t1[("smollm2-135m", "Full precision")]["Wiki2 ppl (paper)"] == ""
     md = (tmp_path / "table1.md").read_text()
     assert "| llama-2-7b | BASE-Q | 63.00 | 62.50? | 5.75 | 5.85? |" in md   # uncertain transcriptions marked

@@ -29,7 +29,7 @@ def tiny_args(model_dir, data_root, results, *extra):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_quarot_run_writes_done_record_with_comparisons(tiny_model_dirs, tiny_data_root, tmp_path, family):
-    out = run(tiny_args(tiny_model_dirs[family], tiny_data_root, tmp_path, "method=quarot"))
+    out = run(tiny_args(tiny_model_dirs[family], tiny_data_root, tmp_path, "method=quarot", "compare_with=[fp,rtn]"))
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     assert rec["status"] == "done" and rec["method"] == "quarot" and rec["quant"] == "w4a4kv4"
@@ -50,6 +50,18 @@ def test_rotation_only_run_matches_fp(tiny_model_dirs, tiny_data_root, tmp_path)
     [rec] = records(tmp_path)
     fp = rec["metrics"]["compare"]["fp"]["wikitext2_ppl"]
     assert abs(rec["metrics"]["wikitext2_ppl"] - fp) / fp < 1e-4
+
+
+def test_default_method_is_baseq_and_training_reaches_the_record(tiny_model_dirs, tiny_data_root, tmp_path):
+    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method.stage1_epochs=1",
+                        "method.stage2_epochs=1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [rec] = records(tmp_path)
+    assert rec["status"] == "done" and rec["method"] == "baseq"
+    blocks = rec["metrics"]["method_report"]["blocks"]
+    assert len(blocks) == 2 and all(b["final_mse"] > 0 for b in blocks)
+    assert rec["timings_s"]["quantize.stage1"] > 0 and rec["timings_s"]["quantize.stage2"] > 0
+    assert set(rec["metrics"]["compare"]) == {"fp"}
 
 
 def test_missing_model_path_fails_with_one_line_and_failed_record(tiny_data_root, tmp_path):

@@ -65,7 +65,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
     second.release()
 
 
-def test_stale_locks_are_broken(tmp_path, monkeypatch):
+def test_stale_locks_are_broken(tmp_path):
     lock = sweep.RunLock(tmp_path, "k")
     lock.path.parent.mkdir(parents=True)
     # a dead process on this host

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from .errors import UserError
+from .evaluation.zeroshot import ZERO_SHOT_TASKS
 
 
 class Device(Enum):
@@ -133,9 +134,18 @@ class PerplexityConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    # lm-eval task names (baseq.evaluation.zeroshot.ZERO_SHOT_TASKS lists the supported ones)
+    tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
+    limit: Optional[int] = None   # the first N documents of each task (quick runs); null = every document
+    batch_size: int = 16
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
-    ppl: PerplexityConfig = field(default_factory=PerplexityConfig)
+    ppl: Optional[PerplexityConfig] = field(default_factory=PerplexityConfig)   # null: no perplexity
+    zeroshot: Optional[ZeroShotConfig] = None                                   # null: no zero-shot
 
 
 @dataclass
@@ -161,6 +171,8 @@ class RunConfig:
     compare_with: list[str] = field(default_factory=list)
     # which protocol the calibration/eval sizes come from: filled in by the by_device resolver's callers
     protocol: str = "${protocol_name:${device}}"
+    # skip a run whose configuration (baseq.sweep.run_key) already has a done record; false: run it again
+    resume: bool = True
 
 
 def resolve_device(device: Device | str):
@@ -212,8 +224,18 @@ def validate(cfg) -> None:
     for key in ("nsamples", "seqlen", "batch_size"):
         if cfg.calib[key] < 1:
             raise UserError(f"calib.{key}={cfg.calib[key]} must be >= 1")
-    if cfg.eval.ppl.max_windows is not None and cfg.eval.ppl.max_windows < 1:
+    if cfg.eval.ppl is None and cfg.eval.zeroshot is None:
+        raise UserError("eval.ppl and eval.zeroshot are both null: nothing to evaluate; use eval=ppl, zeroshot or full")
+    if cfg.eval.ppl is not None and cfg.eval.ppl.max_windows is not None and cfg.eval.ppl.max_windows < 1:
         raise UserError(f"eval.ppl.max_windows={cfg.eval.ppl.max_windows} must be >= 1, or null for the whole test set")
+    if cfg.eval.zeroshot is not None:
+        from .evaluation.zeroshot import check_tasks
+
+        check_tasks(list(cfg.eval.zeroshot.tasks))
+        if cfg.eval.zeroshot.limit is not None and cfg.eval.zeroshot.limit < 1:
+            raise UserError(f"eval.zeroshot.limit={cfg.eval.zeroshot.limit} must be >= 1, or null for every document")
+        if cfg.eval.zeroshot.batch_size < 1:
+            raise UserError(f"eval.zeroshot.batch_size={cfg.eval.zeroshot.batch_size} must be >= 1")
     if cfg.method.algorithm not in METHODS:
         raise UserError(f"method.algorithm={cfg.method.algorithm!r} is not registered; available: "
                         f"{', '.join(sorted(METHODS))}")

@@ -18,6 +18,8 @@ from . import data
 from .config import enum_value, resolve_device
 from .errors import UserError
 from .evaluation.perplexity import perplexity, window_nlls
+from .evaluation.zeroshot import data_sources as zeroshot_sources
+from .evaluation.zeroshot import evaluate_zeroshot
 from .methods import METHODS
 from .methods.base import MethodContext
 from .models.loading import load_model
@@ -42,8 +44,9 @@ def _calibration_loader(cfg: DictConfig, tokenizer, sources: dict) -> Any:
     return load
 
 
-def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, windows: torch.Tensor,
-                          device: torch.device, timer: StageTimer, sources: dict, prefix: str = "") -> dict:
+def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig,
+                          windows: torch.Tensor | None, device: torch.device, timer: StageTimer, sources: dict,
+                          prefix: str = "") -> dict:
     seed_everything(cfg.seed)
     ctx = MethodContext(method=method_cfg, quant=cfg.quant, device=device, seed=cfg.seed,
                         load_calibration=_calibration_loader(cfg, tokenizer, sources),
@@ -52,16 +55,24 @@ def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg:
         METHODS[method_cfg.algorithm](model, family, ctx)
     for name, seconds in ctx.report.pop("timings_s", {}).items():
         timer.seconds[f"{prefix}quantize.{name}"] = seconds
-    with timer.stage(f"{prefix}eval_ppl"):
-        nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
+    metrics: dict[str, Any] = {}
+    if windows is not None:
+        with timer.stage(f"{prefix}eval_ppl"):
+            nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
+        metrics.update(wikitext2_ppl=perplexity(nlls), wikitext2_windows=int(windows.shape[0]))
+    if cfg.eval.zeroshot is not None:
+        zs = cfg.eval.zeroshot
+        root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
+        with timer.stage(f"{prefix}eval_zeroshot"):
+            metrics.update(evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device))
+        sources["zeroshot"] = zeroshot_sources(list(zs.tasks), root)
     model.to("cpu")
-    metrics = {"wikitext2_ppl": perplexity(nlls), "wikitext2_windows": int(windows.shape[0])}
     if ctx.report:
         metrics["method_report"] = ctx.report
     return metrics
 
 
-def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None) -> dict:
+def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None, run_key: str | None = None) -> dict:
     """Run one configured job and write its record. Errors write a 'failed' record and re-raise."""
     compare_methods = compare_methods or {}
     device = resolve_device(cfg.device)
@@ -70,6 +81,7 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
     sources: dict[str, str] = {}
     record: dict[str, Any] = {
         "run_id": run_id,
+        "run_key": run_key,
         "status": "running",
         "model": cfg.model.name,
         "method": cfg.method.name,
@@ -90,12 +102,14 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
         with timer.stage("load_model"):
             model, tokenizer, family = load_model(cfg.model.path, enum_value(cfg.model.dtype), device,
                                                   cfg.model.revision, cfg.model.num_layers)
-        with timer.stage("load_eval_data"):
-            text, sources["wikitext2_test"] = data.wikitext2_text("test", cfg.data_root)
-            windows = data.perplexity_windows(data.tokenize(tokenizer, text), cfg.eval.ppl.seqlen,
-                                              cfg.eval.ppl.max_windows)
-        log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
-                 cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
+        windows = None
+        if cfg.eval.ppl is not None:
+            with timer.stage("load_eval_data"):
+                text, sources["wikitext2_test"] = data.wikitext2_text("test", cfg.data_root)
+                windows = data.perplexity_windows(data.tokenize(tokenizer, text), cfg.eval.ppl.seqlen,
+                                                  cfg.eval.ppl.max_windows)
+            log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
+                     cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
         # comparisons first, each on a fresh copy; the main method then consumes the loaded model
         compare = {}
         for name, method_cfg in compare_methods.items():
@@ -126,12 +140,17 @@ def summary_table(record: dict) -> str:
     """The console's closing table: this run's metrics next to the comparison methods'."""
     metrics = record["metrics"]
     rows = [(name, m) for name, m in metrics.get("compare", {}).items()] + [(record["method"], metrics)]
-    fp = next((m["wikitext2_ppl"] for name, m in rows if name == "fp"), None)
+    fp = next((m for name, m in rows if name == "fp"), {})
+    columns = (("wikitext2_ppl", "wikitext2 ppl", 15), ("zeroshot_avg", "0-shot avg %", 14))
     lines = [f"{record['model']}  {record['quant']}  protocol={record['protocol']}  "
-             f"({metrics.get('wikitext2_windows', '?')} WikiText-2 windows)",
-             f"{'method':<28}{'wikitext2 ppl':>15}{'vs fp':>12}"]
+             f"({metrics.get('wikitext2_windows', 0)} WikiText-2 windows)",
+             f"{'method':<28}" + "".join(f"{title:>{width}}{'vs fp':>12}" for _, title, width in columns)]
     for name, m in rows:
-        delta = f"{m['wikitext2_ppl'] - fp:+.3f}" if fp is not None and name != "fp" else ""
-        lines.append(f"{name:<28}{m['wikitext2_ppl']:>15.3f}{delta:>12}")
+        cells = []
+        for key, _, width in columns:
+            value = f"{m[key]:.3f}" if key in m else ""
+            delta = f"{m[key] - fp[key]:+.3f}" if key in m and key in fp and name != "fp" else ""
+            cells.append(f"{value:>{width}}{delta:>12}")
+        lines.append(f"{name:<28}" + "".join(cells))
     lines.append(f"record: {record['record_path']}")
     return "\n".join(lines)
