@@ -58,8 +58,8 @@ for one scalar that is the mean absolute error, whose optimum is reported too (t
 
 On real activations the clip ratio r of fake_quantize_asymmetric (which scales each token's min and max) is
 searched on CLIP_RATIOS for the lowest total MSE; at the best r: tail_energy = sum of x^2 over entries beyond
-the per-token outermost grid levels / sum x^2 (the Eq. 8 definition, energy measured about zero, i.e. of the
-signal the layer reads), clip_error_energy = sum (x - clamp(x))^2 / sum x^2, clipped_fraction = share of
+the per-token outermost grid levels / sum x^2 (the Eq. 8 definition; x is the tensor being quantized, so for
+quarot_bias the centred x - mu, and energy is measured about zero as in Eq. 8), clip_error_energy = sum (x - clamp(x))^2 / sum x^2, clipped_fraction = share of
 clipped entries, and threshold_sigma = mean over tokens of the grid's half-width divided by the token's
 standard deviation over channels (the real activations' counterpart of theta / sigma).
 
@@ -251,10 +251,15 @@ def gaussian_clip_error_energy(theta: torch.Tensor | float) -> torch.Tensor:
 
 def gaussian_optimal_threshold(bits: int, power: int = 2, lo: float = 0.5, hi: float = 6.0,
                                step: float = 1e-4) -> float:
-    """argmin over theta (grid of `step`, in units of sigma) of gaussian_quantization_error (Eq. 7)."""
-    thetas = torch.arange(lo, hi + step / 2, step, dtype=torch.float64)
-    errors = torch.cat([gaussian_quantization_error(chunk, bits, power) for chunk in thetas.split(8192)])
-    return thetas[int(errors.argmin())].item()
+    """argmin over theta (in units of sigma, to within `step`) of gaussian_quantization_error (Eq. 7): a
+    0.01 grid over [lo, hi], then a `step` grid around its best point (the curve is smooth, one minimum)."""
+    def best_on(thetas: torch.Tensor) -> float:
+        errors = gaussian_quantization_error(thetas, bits, power)
+        return thetas[int(errors.argmin())].item()
+
+    coarse = best_on(torch.arange(lo, hi + 0.005, 0.01, dtype=torch.float64))
+    return best_on(torch.arange(max(lo, coarse - 0.02), min(hi, coarse + 0.02) + step / 2, step,
+                                dtype=torch.float64))
 
 
 def gaussian_clipping_table(bits_list: Sequence[int] = (2, 3, 4, 5, 6, 8)) -> pd.DataFrame:
@@ -285,10 +290,11 @@ def quantizer_linears(family) -> dict[str, str]:
 
 def _recorder(store: list[torch.Tensor]):
     def hook(_module, args):
-        # a shared quantizer runs once per reading linear on the same tensor object: keep it once (the stored
-        # reference makes the identity check safe from id reuse)
+        # a shared quantizer runs once per reading linear on the same tensor object: keep it once. The very
+        # object is stored (no .detach(), which would make a new one), so the identity check works and is
+        # safe from id reuse; capture runs under no_grad anyway.
         if not store or store[-1] is not args[0]:
-            store.append(args[0].detach())
+            store.append(args[0])
     return hook
 
 
