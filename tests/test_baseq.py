@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baseq.config import BaseQConfig, QuantConfig, register_configs
+from baseq.config import BaseQConfig, LearningRates, QuantConfig, register_configs
 from baseq.equivalence import BlockTransforms
 from baseq.methods import METHODS
 from baseq.methods.base import MethodContext
@@ -113,3 +113,10 @@ def test_ablation_switches_turn_components_off():
     q = model.model.layers[0].mlp.down_proj.act_quantizer
     assert q.bias is None and q.scale is None and not isinstance(q.clip_ratio, torch.nn.Parameter)
     assert "stage1_loss" not in report["blocks"][0] and "stage2_loss" not in report["blocks"][0]
+
+
+def test_diverging_training_stops_with_an_error_naming_block_and_stage():
+    from baseq.errors import TrainingDivergedError
+
+    with pytest.raises(TrainingDivergedError, match=r"block 0 stage 1"):
+        run_baseq(lr=LearningRates(scale=float("inf"), clip=float("inf"), rotation=float("inf")))

@@ -64,3 +64,13 @@ def test_rotation_without_norm_fusion_is_not_exact():
     untie_embeddings(model, family)
     rotate_residual(model, family, random_hadamard(64, seed=1))
     assert not torch.allclose(logits(model, ids), reference, atol=1e-3)
+
+
+def test_pca_hadamard_residual_rotation_is_exact():
+    model = tiny_qwen2(hidden=64, ffn=192, heads=4, kv_heads=2)
+    ids = torch.randint(0, 256, (1, 21))
+    reference = logits(model, ids)
+    family = family_of(model)
+    attach_quantizers(model, family, a_bits=16, kv_bits=16, act_clip=1.0, kv_clip=1.0)
+    apply_rotations(model, family, CPU, seed=0, residual="pca_hadamard")
+    torch.testing.assert_close(logits(model, ids), reference, **EXACT)
