@@ -52,3 +52,15 @@ def test_fp_perplexity_and_rotation_invariance_on_real_windows(smollm2, windows)
     # and W4 RTN on the rotated model is measurably worse: the check above can fail
     quantize_weights_rtn(rotated, family, 4, "none", CPU)
     assert perplexity(window_nlls(rotated, windows, CPU)) > fp * 1.02
+
+
+def test_dequantized_gguf_is_cached_and_reloads_identically(smollm2):
+    from pathlib import Path
+
+    from baseq.models.loading import gguf_cache_dir, resolve_model_path
+
+    assert (gguf_cache_dir(Path(resolve_model_path(EMBEDDED)), torch.float32) / "config.json").is_file()
+    again, _, _ = load_model(EMBEDDED, "auto", CPU)
+    first = smollm2[0].state_dict()
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, first[name]), name

@@ -34,12 +34,15 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     try:
+        # the weights are dequantized already; the GGUF "quantizer" left on the model only blocks saving
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cache)
-    except Exception as err:  # noqa: BLE001 - a cache that cannot be written (read-only home, a transformers
-        # release that refuses to save GGUF-loaded models) is no reason to fail the run
+    except Exception as err:  # noqa: BLE001 - a cache that cannot be written is no reason to fail the run
         log.warning("could not cache the dequantized GGUF in %s: %s", cache, err)
     return tokenizer, model
 
