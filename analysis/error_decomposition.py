@@ -42,7 +42,9 @@ Q(x - mu) + mu against x is the same number, so mse of quarot and quarot_bias co
 rel_mse divides by the energy mean(x^2) of the signal the layer must see (for quarot_bias: the uncentred
 quarot activations), so settings whose units differ (the norm gain is fused away by the rotation) still
 compare. pred_round_mse = mean_t s_t^2 / 12 is the rounding model of Section 3.1 with the quantizer's own
-per-token step s_t. mse_ratio_vs_quarot = rel_mse / rel_mse(quarot) of the same layer and quantizer.
+per-token step s_t. mse_ratio_vs_quarot = rel_mse / rel_mse(quarot) of the same layer and quantizer, and
+var_ratio_vs_quarot the same ratio of sigma^2 / reference energy: Eq. 5's prediction of it (for quarot_bias
+exactly 1 - var_mu_share of quarot).
 
 Eq. 7-8 (clipping). The quantizer of Eq. 7 has the 2^b levels -theta + k * 2 theta / (2^b - 1),
 k = 0 .. 2^b - 1 (outermost levels at -theta and +theta); theta* minimises the expected squared error for a
@@ -172,6 +174,7 @@ def analyse_activations(x: torch.Tensor, bits: int = 4, clip_ratios: Sequence[fl
     energy = x.double().pow(2).mean().item()
     reference = energy if reference_energy is None else reference_energy
     row["energy"] = energy
+    row["reference_energy"] = reference
     row["mse"] = quantization_mse(x, bits)
     row["rel_mse"] = row["mse"] / reference
     _, scale, _ = asymmetric_codes(x, bits)
@@ -390,9 +393,16 @@ def analyse_model(model: nn.Module, family, calib_ids: torch.Tensor, device: tor
         log(f"layer {layer:3d} quarot (+bias) analysed in {spent:5.1f} s")
 
     table = pd.DataFrame(rows)
-    quarot = table[table.setting == "quarot"].set_index(["layer", "quantizer"])["rel_mse"]
-    table["mse_ratio_vs_quarot"] = table["rel_mse"].to_numpy() / quarot.reindex(
-        pd.MultiIndex.from_frame(table[["layer", "quantizer"]])).to_numpy()
+    keys = pd.MultiIndex.from_frame(table[["layer", "quantizer"]])
+    quarot = table[table.setting == "quarot"].set_index(["layer", "quantizer"])
+
+    def vs_quarot(values: pd.Series) -> pd.Series:
+        return values.to_numpy() / values[table.setting == "quarot"].set_axis(quarot.index).reindex(keys).to_numpy()
+
+    table["mse_ratio_vs_quarot"] = vs_quarot(table["rel_mse"])
+    # Eq. 5 predicts the error ratio from the variance ratio (both relative to the reference energy); for
+    # quarot_bias this is exactly 1 - var_mu_share of quarot
+    table["var_ratio_vs_quarot"] = vs_quarot(table["total_var"] / table["reference_energy"])
     profiles_df = pd.concat(profiles, ignore_index=True) if profiles else pd.DataFrame()
     return Analysis(table, profiles_df)
 
@@ -400,7 +410,8 @@ def analyse_model(model: nn.Module, family, calib_ids: torch.Tensor, device: tor
 # ------------------------------------------------------------------------------------ tables, figures
 
 
-SUMMARY_COLUMNS = ("var_mu_share", "var_mu_share_token", "rel_mse", "mse_ratio_vs_quarot", "pred_round_mse",
+SUMMARY_COLUMNS = ("var_mu_share", "var_mu_share_token", "rel_mse", "mse_ratio_vs_quarot", "var_ratio_vs_quarot",
+                   "pred_round_mse",
                    "mse", "best_clip_ratio", "rel_best_clip_mse", "tail_energy", "clip_error_energy",
                    "clipped_fraction", "threshold_sigma")
 
@@ -427,6 +438,18 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path, dpi: int = 100) -> None:
+    """Save at `dpi`, then re-encode with an adaptive 64-colour palette: the channel plots hold thousands of
+    thin bands, and full RGBA makes them several times larger for no visible gain."""
+    from PIL import Image
+
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    with Image.open(path) as image:
+        palette = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.save(path, optimize=True)
+
+
 def plot_var_mu_share(rows: pd.DataFrame, path: Path) -> None:
     """Figure (i): Var(mu) share of the rounding error (Eq. 5-6) by layer, and the measured relative 4-bit
     MSE, for each quantizer and setting."""
@@ -447,15 +470,15 @@ def plot_var_mu_share(rows: pd.DataFrame, path: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Rounding error from misaligned channel means, per layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_clipping(rows: pd.DataFrame, path: Path, bits: int = 4) -> None:
     """Figure (ii): the Gaussian 4-bit MSE and clipped-energy curves (Eq. 7-8) with the optimum and the
-    paper's 2.2 sigma marked, plus the real activations at their MSE-optimal clip ratio."""
+    paper's 2.2 sigma marked, plus the rotated real activations at their MSE-optimal clip ratio (the
+    unrotated ones sit at 4-20 sigma, far off the Gaussian regime; they are in layers.csv)."""
     plt = _pyplot()
-    thetas = torch.linspace(1.0, 4.0, 601, dtype=torch.float64)
+    thetas = torch.linspace(1.0, 5.0, 801, dtype=torch.float64)
     theta_star = gaussian_optimal_threshold(bits)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot(thetas, gaussian_quantization_error(thetas, bits), color="black", label=f"{bits}-bit MSE (Eq. 7)")
@@ -477,20 +500,20 @@ def plot_clipping(rows: pd.DataFrame, path: Path, bits: int = 4) -> None:
     tail_star = 100 * gaussian_tail_energy(theta_star).item()
     right.plot([theta_star], [tail_star], "g*", ms=12, label=f"optimum: {tail_star:.1f}%")
     markers = {"qkv": "o", "o": "s", "gate_up": "^", "down": "D"}
-    for setting in SETTINGS:
+    rotated = rows[rows.setting != "original"]
+    for setting in SETTINGS[1:]:
         for quantizer in QUANTIZERS:
-            sub = rows[(rows.setting == setting) & (rows.quantizer == quantizer)]
+            sub = rotated[(rotated.setting == setting) & (rotated.quantizer == quantizer)]
             right.scatter(sub.threshold_sigma, 100 * sub.tail_energy, s=14, alpha=0.6,
                           color=SETTING_COLORS[setting], marker=markers[quantizer],
                           label=f"{SETTING_LABELS[setting]}, {quantizer}" if len(sub) else None)
     right.set_xlabel("clip threshold / sigma (real: per-token half-range / token std)")
     right.set_ylabel("% of activation energy")
-    right.set_title("Energy at the MSE-optimal clip")
-    right.set_xlim(1.0, max(4.0, float(rows.threshold_sigma.max()) * 1.05) if len(rows) else 4.0)
+    right.set_title("Energy at the MSE-optimal clip (real: rotated activations)")
+    right.set_xlim(1.0, max(4.0, float(rotated.threshold_sigma.max()) * 1.05) if len(rotated) else 4.0)
     right.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_channel_profiles(profiles: pd.DataFrame, path: Path, quantizers: Sequence[str] = ("qkv", "gate_up")
@@ -499,7 +522,7 @@ def plot_channel_profiles(profiles: pd.DataFrame, path: Path, quantizers: Sequen
     tokens and the channel mean, for the profile layers' attention and MLP inputs in the three settings."""
     plt = _pyplot()
     panels = [(layer, q) for layer in sorted(profiles.layer.unique()) for q in quantizers]
-    fig, axes = plt.subplots(len(panels), len(SETTINGS), figsize=(13, 2.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(SETTINGS), figsize=(12, 2.0 * len(panels)), squeeze=False)
     for row, (layer, quantizer) in enumerate(panels):
         for col, setting in enumerate(SETTINGS):
             ax = axes[row, col]
@@ -520,8 +543,7 @@ def plot_channel_profiles(profiles: pd.DataFrame, path: Path, quantizers: Sequen
     for ax in axes[-1]:
         ax.set_xlabel("channel", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 FIGURES = ("var_mu_share.png", "clipping_energy.png", "channel_distributions.png")

@@ -132,6 +132,9 @@ def test_analyse_model_settings():
     # the real quantization error falls when the means are removed (same signal, so MSEs compare directly)
     assert by.loc["quarot_bias", "mse"].mean() < by.loc["quarot", "mse"].mean()
     assert (by.loc["quarot", "mse_ratio_vs_quarot"] == 1.0).all()
+    # Eq. 5's predicted ratio for mean removal is 1 - the Var(mu) share of Eq. 6
+    torch.testing.assert_close(torch.tensor(by.loc["quarot_bias", "var_ratio_vs_quarot"].to_numpy()),
+                               torch.tensor(1 - by.loc["quarot", "var_mu_share"].to_numpy()), rtol=1e-6, atol=1e-9)
     # no clipping at ratio 1: the measured error is rounding only and close to the s^2/12 model
     ratio = by["mse"] / by["pred_round_mse"]
     assert ratio.between(0.7, 1.3).all(), ratio.describe()
