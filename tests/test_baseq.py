@@ -1,6 +1,5 @@
 """BASE-Q's components each do what they are for, on tiny models (DESIGN.md section 5)."""
 
-import sys
 
 import pytest
 import torch

@@ -133,7 +133,7 @@ class ActivationQuantizer(nn.Module):
         self.bias = nn.Parameter(init.detach().clone().float())
 
     def add_scale(self) -> None:
-        self.scale = nn.Parameter(torch.ones(self.dim))
+        self.scale = nn.Parameter(torch.ones(self.dim, device=self.clip_ratio.device))
 
     def shift_and_scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:

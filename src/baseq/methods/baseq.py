@@ -143,10 +143,6 @@ def quantize(model, family, ctx) -> None:
             if m.unpaired_scale:
                 for quantizer in act_quantizers:
                     quantizer.add_scale()
-                    quantizer.scale.data = quantizer.scale.data.to(device)
-            for quantizer in act_quantizers + kv_quantizers:
-                if quantizer.bias is not None:
-                    quantizer.bias.data = quantizer.bias.data.to(device)
             inputs_2 = _select(train_inputs, x_fp, x_q)
             entry["stage2_mse_before"] = block_mse(block, inputs_2, y_fp, kwargs, bs)
             biases = [qz.bias for qz in act_quantizers + kv_quantizers if qz.bias is not None]
