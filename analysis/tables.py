@@ -115,24 +115,31 @@ def _quant_key(method: str, quant: str) -> str:
     return FP_QUANT if method == "fp" else quant
 
 
-def latest_runs(runs: Iterable[Run]) -> dict[tuple[str, str, str], Run]:
-    """The run that counts per (model, method, quant): standalone before comparison, then the newest."""
-    chosen: dict[tuple[str, str, str], Run] = {}
-    for run in sorted(runs, key=lambda r: (r.standalone, r.finished_at)):
-        chosen[(run.model, run.method, run.quant)] = run
+def runs_by_preference(runs: Iterable[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    """Per (model, method, quant), the runs in the order they count: standalone before comparison, then
+    the newest first."""
+    chosen: dict[tuple[str, str, str], list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.standalone, r.finished_at), reverse=True):
+        chosen.setdefault((run.model, run.method, run.quant), []).append(run)
     return chosen
 
 
 class Results:
-    """Our numbers for one quant preset: value(model, method, metric) or None."""
+    """Our numbers for one quant preset: value(model, method, metric) or None. A metric comes from the
+    first run (in runs_by_preference order) that measured it, so a zero-shot-only run does not hide the
+    perplexity of an earlier run of the same configuration."""
 
     def __init__(self, runs: Iterable[Run], quant: str):
         self.quant = quant
-        self.by_key = {(m, me): r for (m, me, q), r in latest_runs(runs).items() if q in (quant, FP_QUANT)}
+        self.by_key = {(m, me): r for (m, me, q), r in runs_by_preference(runs).items() if q in (quant, FP_QUANT)}
 
     def value(self, model: str, method: str, metric: str) -> float | None:
-        run = self.by_key.get((model, method))
-        return None if run is None else run.metrics.get(metric)
+        for run in self.by_key.get((model, method), []):
+            if metric in run.metrics:
+                return run.metrics[metric]
+        if method == f"{ABLATION_PREFIX}/full":  # the ladder's top rung is method=baseq with every switch on
+            return self.value(model, "baseq", metric)
+        return None
 
     def models(self) -> list[str]:
         return order_models({m for m, _ in self.by_key})

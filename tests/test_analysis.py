@@ -148,3 +148,16 @@ def test_paper_reference_reproduces_the_papers_headline():
     for model, method, ppl in (("llama-2-7b", "fp", 5.47), ("llama-3-8b", "quarot", 7.82), ("qwen2.5-3b", "baseq", 10.83),
                                ("llama-3.2-1b", "ostquant", 12.84), ("qwen2.5-3b", "baseq_ablation/rv", 54.38)):
         assert ref.value(model, method, "wikitext2_ppl").value == ppl
+
+
+def test_a_newer_run_without_a_metric_does_not_hide_an_older_ones():
+    from analysis.tables import Results, Run
+
+    ppl_run = Run("m", "fp", "fp", "2026-01-01", "a", True, {"wikitext2_ppl": 21.6})
+    zeroshot_run = Run("m", "fp", "fp", "2026-01-02", "b", True, {"zeroshot_avg": 40.9})
+    baseq_run = Run("m", "baseq", "w4a4kv4", "2026-01-01", "c", True, {"wikitext2_ppl": 32.6})
+    results = Results([ppl_run, zeroshot_run, baseq_run], "w4a4kv4")
+    assert results.value("m", "fp", "wikitext2_ppl") == 21.6
+    assert results.value("m", "fp", "zeroshot_avg") == 40.9
+    assert results.value("m", "baseq_ablation/full", "wikitext2_ppl") == 32.6  # the ladder's top rung
+    assert results.value("m", "quarot", "wikitext2_ppl") is None
