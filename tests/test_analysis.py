@@ -151,10 +151,10 @@ def test_paper_reference_reproduces_the_papers_headline():
 
 
 def test_a_newer_run_without_a_metric_does_not_hide_an_older_ones():
-    from analysis.tables import Results, Run
+    from analysis.tables import FP_QUANT, Results, Run
 
-    ppl_run = Run("m", "fp", "fp", "2026-01-01", "a", True, {"wikitext2_ppl": 21.6})
-    zeroshot_run = Run("m", "fp", "fp", "2026-01-02", "b", True, {"zeroshot_avg": 40.9})
+    ppl_run = Run("m", "fp", FP_QUANT, "2026-01-01", "a", True, {"wikitext2_ppl": 21.6})
+    zeroshot_run = Run("m", "fp", FP_QUANT, "2026-01-02", "b", True, {"zeroshot_avg": 40.9})
     baseq_run = Run("m", "baseq", "w4a4kv4", "2026-01-01", "c", True, {"wikitext2_ppl": 32.6})
     results = Results([ppl_run, zeroshot_run, baseq_run], "w4a4kv4")
     assert results.value("m", "fp", "wikitext2_ppl") == 21.6
