@@ -141,7 +141,8 @@ def summary_table(record: dict) -> str:
     metrics = record["metrics"]
     rows = [(name, m) for name, m in metrics.get("compare", {}).items()] + [(record["method"], metrics)]
     fp = next((m for name, m in rows if name == "fp"), {})
-    columns = (("wikitext2_ppl", "wikitext2 ppl", 15), ("zeroshot_avg", "0-shot avg %", 14))
+    columns = [c for c in (("wikitext2_ppl", "wikitext2 ppl", 15), ("zeroshot_avg", "0-shot avg %", 14))
+               if any(c[0] in m for _, m in rows)]
     lines = [f"{record['model']}  {record['quant']}  protocol={record['protocol']}  "
              f"({metrics.get('wikitext2_windows', 0)} WikiText-2 windows)",
              f"{'method':<28}" + "".join(f"{title:>{width}}{'vs fp':>12}" for _, title, width in columns)]
