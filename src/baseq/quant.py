@@ -76,34 +76,48 @@ class RTNWeightQuantizer(nn.Module):
 # ----------------------------------------------------------------------------------------- activations
 
 
+def _asymmetric_grid(x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float):
+    """Scale and zero point per row of the last dim. The range always includes 0, as in QuaRot, so zero
+    stays exact."""
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=1e-8)
+    return scale, torch.round(-xmin / scale).detach()
+
+
 def fake_quantize_asymmetric(
     x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float = 1.0, group_size: int | None = None
 ) -> torch.Tensor:
     """Dynamic asymmetric quantize-dequantize over the last dim (per token), or over groups of
-    `group_size` channels of it (per token per head for the KV cache). The range always includes 0, as in
-    QuaRot, so zero stays exact. Gradients: STE through rounding, exact through scale and clip."""
+    `group_size` channels of it. Gradients: STE through rounding, exact through scale and clip."""
     shape = x.shape
     if group_size is not None:
         x = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
-    qmax = 2**bits - 1
-    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
-    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
-    scale = ((xmax - xmin) / qmax).clamp(min=1e-8)
-    zero = torch.round(-xmin / scale).detach()
-    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+    scale, zero = _asymmetric_grid(x, bits, clip_ratio)
+    q = torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
     return ((q - zero) * scale).reshape(shape)
 
 
 def asymmetric_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
     """Integer codes, scale and zero point of the per-token asymmetric quantizer: the contract the Triton
     kernels reproduce (dequantized value = (code - zero) * scale)."""
-    qmax = 2**bits - 1
-    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
-    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
-    scale = ((xmax - xmin) / qmax).clamp(min=1e-8)
-    zero = torch.round(-xmin / scale)
-    codes = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    scale, zero = _asymmetric_grid(x, bits, clip_ratio)
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
     return codes, scale, zero
+
+
+def _register_clip(module: nn.Module, clip_ratio: float, learn: bool) -> None:
+    clip = torch.tensor(float(clip_ratio))
+    if learn:
+        module.clip_ratio = nn.Parameter(clip)
+    else:
+        module.register_buffer("clip_ratio", clip)
+
+
+def _clip_value(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    # a learned clip stays in a sane range: below 0.3 the grid would clip most of a token away
+    clip = module.clip_ratio.clamp(0.3, 1.0) if isinstance(module.clip_ratio, nn.Parameter) else module.clip_ratio
+    return clip.to(dtype)
 
 
 class ActivationQuantizer(nn.Module):
@@ -117,11 +131,7 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, dim: int, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
         super().__init__()
         self.dim, self.bits = dim, bits
-        clip = torch.tensor(float(clip_ratio))
-        if learn_clip:
-            self.clip_ratio = nn.Parameter(clip)
-        else:
-            self.register_buffer("clip_ratio", clip)
+        _register_clip(self, clip_ratio, learn_clip)
         self.bias: nn.Parameter | None = None
         self.scale: nn.Parameter | None = None
 
@@ -146,8 +156,7 @@ class ActivationQuantizer(nn.Module):
         x = self.shift_and_scale(x)
         if not self.enabled:
             return x
-        clip = self.clip_ratio.clamp(0.3, 1.0) if isinstance(self.clip_ratio, nn.Parameter) else self.clip_ratio
-        return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+        return fake_quantize_asymmetric(x, self.bits, _clip_value(self, x.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bits={self.bits}, clip={float(self.clip_ratio):.3f}, " \
@@ -162,11 +171,7 @@ class KVQuantizer(nn.Module):
     def __init__(self, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
         super().__init__()
         self.bits = bits
-        clip = torch.tensor(float(clip_ratio))
-        if learn_clip:
-            self.clip_ratio = nn.Parameter(clip)
-        else:
-            self.register_buffer("clip_ratio", clip)
+        _register_clip(self, clip_ratio, learn_clip)
         self.bias: nn.Parameter | None = None
 
     def add_bias(self, init: torch.Tensor) -> None:
@@ -176,11 +181,11 @@ class KVQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
-        clip = self.clip_ratio.clamp(0.3, 1.0) if isinstance(self.clip_ratio, nn.Parameter) else self.clip_ratio
+        clip = _clip_value(self, x.dtype)
         if self.bias is None:
-            return fake_quantize_asymmetric(x, self.bits, clip.to(x.dtype))
+            return fake_quantize_asymmetric(x, self.bits, clip)
         bias = self.bias.to(x.dtype)[:, None, :]
-        return fake_quantize_asymmetric(x - bias, self.bits, clip.to(x.dtype)) + bias
+        return fake_quantize_asymmetric(x - bias, self.bits, clip) + bias
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip={float(self.clip_ratio):.3f}"

@@ -102,7 +102,3 @@ def write_record(results_dir: str | Path, record: dict) -> Path:
     os.replace(tmp, path)
     return path
 
-
-def read_records(results_dir: str | Path) -> list[dict]:
-    runs = Path(results_dir) / "runs"
-    return [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))] if runs.is_dir() else []
