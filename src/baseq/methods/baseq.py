@@ -76,16 +76,73 @@ def _select(inputs: str, fp: torch.Tensor, quantized: torch.Tensor) -> torch.Ten
     return fp if inputs == "fp" else quantized
 
 
+def train_stage1(block, family, m, w_bits: int, head_dim: int, inputs, targets, kwargs, label: str,
+                 seed: int) -> dict:
+    """Paired scales, R_v and clips against RTN-quantized weights (STE); then fuse the transforms."""
+    device = inputs.device
+    transforms = BlockTransforms(block, family, head_dim, m.paired_scale, m.learn_rv, m.rv_per_kv_head).to(device)
+    for lin in quant_linears(block):
+        lin.weight_quantizer = RTNWeightQuantizer(w_bits)
+    bs = m.train_batch_size
+    report = {"stage1_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
+    report["stage1_loss"] = train_block(
+        block, inputs, targets, kwargs,
+        [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
+         ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
+         ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
+        m.stage1_epochs, bs, label, seed)
+    for lin in quant_linears(block):
+        lin.weight_quantizer = None
+    transforms.fuse()
+    return report
+
+
+def quantize_block_weights(block, family, m, q, inputs, kwargs) -> None:
+    """GPTQ (or RTN) on the transformed block, activations unquantized as in GPTQ."""
+    clip_search = enum_value(q.w_clip_search)
+    with activation_quantization_disabled(block):
+        if enum_value(m.weights) == "gptq":
+            g = m.gptq
+            gptq_block(block, family, inputs, kwargs, q.w_bits, clip_search, g.block_size, g.damp, g.act_order,
+                       m.train_batch_size)
+        else:
+            quantize_block_rtn(block, q.w_bits, clip_search)
+
+
+def train_stage2(block, m, fp_inputs, inputs, targets, kwargs, label: str, seed: int) -> dict:
+    """Activation biases (initialised from the channel means of the fp inputs), unpaired scales and clips,
+    with the weights frozen."""
+    bs = m.train_batch_size
+    act_quantizers = _act_quantizers(block)
+    kv_quantizers = _kv_quantizers(block) if m.kv_bias else []
+    if m.bias or m.kv_bias:
+        targets_of_bias = (act_quantizers if m.bias else []) + kv_quantizers
+        means = input_channel_means(block, targets_of_bias, fp_inputs, kwargs, bs)
+        for quantizer in targets_of_bias:
+            quantizer.add_bias(means[quantizer] if m.bias_init == "mean" else torch.zeros_like(means[quantizer]))
+    if m.unpaired_scale:
+        for quantizer in act_quantizers:
+            quantizer.add_scale()
+    biases = [qz.bias for qz in act_quantizers + kv_quantizers if qz.bias is not None]
+    scales = [qz.scale for qz in act_quantizers if qz.scale is not None]
+    report = {"stage2_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
+    report["stage2_loss"] = train_block(
+        block, inputs, targets, kwargs,
+        [ParamGroup("bias", biases, m.lr.bias), ParamGroup("scale", scales, m.lr.scale),
+         ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
+        m.stage2_epochs, bs, label, seed)
+    return report
+
+
 def quantize(model, family, ctx) -> None:
     m, q = ctx.method, ctx.quant
     device, bs = ctx.device, m.train_batch_size
     attach_quantizers(model, family, q.a_bits, q.kv_bits, m.act_clip_ratio, m.kv_clip_ratio, learn_clip=m.learn_clip)
     apply_rotations(model, family, device, ctx.seed, enum_value(m.residual_rotation))
     head_dim = head_dim_of(model.config)
-    clip_search = enum_value(q.w_clip_search)
     train_inputs, gptq_inputs = enum_value(m.train_inputs), enum_value(m.gptq_inputs)
-    stage1 = m.paired_scale or m.learn_rv or m.learn_clip
-    stage2 = m.bias or m.unpaired_scale or m.learn_clip or m.kv_bias
+    stage1 = (m.paired_scale or m.learn_rv or m.learn_clip) and m.stage1_epochs > 0
+    stage2 = (m.bias or m.unpaired_scale or m.learn_clip or m.kv_bias) and m.stage2_epochs > 0
 
     inputs = capture_block_inputs(model, family, ctx.calibration, device)
     x_fp, x_q, kwargs = inputs.hidden, inputs.hidden.clone(), inputs.kwargs
@@ -97,67 +154,29 @@ def quantize(model, family, ctx) -> None:
         block.float()
         with activation_quantization_disabled(block), torch.no_grad():
             y_fp = run_block(block, x_fp.float(), kwargs, bs)
+        train_x = _select(train_inputs, x_fp, x_q).float()
         entry = {"block": index}
 
-        # stage 1: equivalence transforms and clips, against RTN-quantized weights
         start = time.perf_counter()
-        if stage1 and m.stage1_epochs > 0:
-            transforms = BlockTransforms(block, family, head_dim, m.paired_scale, m.learn_rv,
-                                         m.rv_per_kv_head).to(device)
-            for lin in quant_linears(block):
-                lin.weight_quantizer = RTNWeightQuantizer(q.w_bits)
-            inputs_1 = _select(train_inputs, x_fp, x_q)
-            entry["stage1_mse_before"] = block_mse(block, inputs_1, y_fp, kwargs, bs)
-            entry["stage1_loss"] = train_block(
-                block, inputs_1, y_fp, kwargs,
-                [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
-                 ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
-                 ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-                m.stage1_epochs, bs, f"block {index} stage 1", ctx.seed + index)
-            for lin in quant_linears(block):
-                lin.weight_quantizer = None
-            transforms.fuse()
+        if stage1:
+            entry.update(train_stage1(block, family, m, q.w_bits, head_dim, train_x, y_fp, kwargs,
+                                      f"block {index} stage 1", ctx.seed + index))
         seconds["stage1"] += time.perf_counter() - start
 
-        # weights: GPTQ (or RTN) on the transformed block, activations unquantized as in GPTQ
         start = time.perf_counter()
-        with activation_quantization_disabled(block):
-            if enum_value(m.weights) == "gptq":
-                g = m.gptq
-                gptq_block(block, family, _select(gptq_inputs, x_fp, x_q).float(), kwargs, q.w_bits, clip_search,
-                           g.block_size, g.damp, g.act_order, bs)
-            else:
-                quantize_block_rtn(block, q.w_bits, clip_search)
+        quantize_block_weights(block, family, m, q, _select(gptq_inputs, x_fp, x_q).float(), kwargs)
         seconds["gptq"] += time.perf_counter() - start
 
-        # stage 2: biases, unpaired scales and clips with the weights frozen
         start = time.perf_counter()
-        if stage2 and m.stage2_epochs > 0:
-            act_quantizers = _act_quantizers(block)
-            kv_quantizers = _kv_quantizers(block) if m.kv_bias else []
-            if m.bias or m.kv_bias:
-                targets = (act_quantizers if m.bias else []) + kv_quantizers
-                means = input_channel_means(block, targets, x_fp.float(), kwargs, bs)
-                for quantizer in targets:
-                    quantizer.add_bias(means[quantizer] if m.bias_init == "mean" else torch.zeros_like(means[quantizer]))
-            if m.unpaired_scale:
-                for quantizer in act_quantizers:
-                    quantizer.add_scale()
-            inputs_2 = _select(train_inputs, x_fp, x_q)
-            entry["stage2_mse_before"] = block_mse(block, inputs_2, y_fp, kwargs, bs)
-            biases = [qz.bias for qz in act_quantizers + kv_quantizers if qz.bias is not None]
-            scales = [qz.scale for qz in act_quantizers if qz.scale is not None]
-            entry["stage2_loss"] = train_block(
-                block, inputs_2, y_fp, kwargs,
-                [ParamGroup("bias", biases, m.lr.bias), ParamGroup("scale", scales, m.lr.scale),
-                 ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-                m.stage2_epochs, bs, f"block {index} stage 2", ctx.seed + 7919 + index)
+        if stage2:
+            entry.update(train_stage2(block, m, x_fp.float(), train_x, y_fp, kwargs, f"block {index} stage 2",
+                                      ctx.seed + 7919 + index))
         for lin in quant_linears(block):
             lin.fuse_activation_bias()
         seconds["stage2"] += time.perf_counter() - start
 
         with torch.no_grad():
-            entry["final_mse"] = block_mse(block, _select(train_inputs, x_fp, x_q), y_fp, kwargs, bs)
+            entry["final_mse"] = block_mse(block, train_x, y_fp, kwargs, bs)
             x_q = run_block(block, x_q.float(), kwargs, bs).to(x_q.dtype)
         x_fp = y_fp.to(x_fp.dtype)
         block.to(dtype)
