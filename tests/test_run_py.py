@@ -101,3 +101,12 @@ def test_unsupported_hadamard_size_is_a_clear_error(tiny_data_root, tmp_path):
     assert "10" in out.stderr and "Hadamard" in out.stderr and "Traceback" not in out.stderr
     [rec] = records(tmp_path / "res")
     assert rec["status"] == "failed"
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run([f"results_dir={tmp_path}", "device=cuda"], timeout=120)
+    assert out.returncode != 0 and "no CUDA GPU" in out.stderr and "Traceback" not in out.stderr

@@ -215,6 +215,7 @@ def validate(cfg) -> None:
     """Checks that span fields or need more than a type; run before anything heavy happens."""
     from .methods import METHODS
 
+    resolve_device(cfg.device)  # first: the by_device presets below resolve through it
     for key in ("w_bits", "a_bits", "kv_bits"):
         bits = cfg.quant[key]
         if not (2 <= bits <= 8 or bits == 16):
@@ -242,7 +243,6 @@ def validate(cfg) -> None:
                         f"{', '.join(sorted(METHODS))}")
     if "bias_init" in cfg.method and cfg.method.bias_init not in ("mean", "zero"):
         raise UserError(f"method.bias_init={cfg.method.bias_init!r}; use 'mean' or 'zero'")
-    resolve_device(cfg.device)
 
 
 def enum_value(value: Any) -> str:
