@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from baseq.config import check_group_choices, register_configs, validate
 from baseq.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-log = logging.getLogger("baseq")
 
 
 def compose_method(name: str) -> DictConfig:
