@@ -64,6 +64,26 @@ def activation_quantization_disabled(model: nn.Module):
             q.bits = bits
 
 
+@contextlib.contextmanager
+def each_quantizer_input(quantizers: list[nn.Module], callback):
+    """Call callback(quantizer, x) once for every tensor x a quantizer receives while the context is open.
+    A quantizer shared by several linears (q/k/v, gate/up) is called once per linear with the same tensor;
+    holding that tensor (not its id, which Python reuses) makes the check exact."""
+    last: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(module, args):
+        if last.get(module) is not args[0]:
+            last[module] = args[0]
+            callback(module, args[0])
+
+    handles = [q.register_forward_pre_hook(hook) for q in quantizers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def set_quantized_weight(linear: QuantLinear, dequantized: torch.Tensor, scale: torch.Tensor, bits: int) -> None:
     linear.weight.data = dequantized.to(linear.weight.dtype)
     linear.weight_scale = scale.to(linear.weight.device)
@@ -99,24 +119,10 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
     for group in family.sequential_groups():
         linears = [block.get_submodule(name) for name in group]
         # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
-        # The hook sits on the quantizer, so it sees the input after any online rotation.
+        # Observing the quantizer's input sees it after any online rotation.
         hessian = HessianAccumulator(linears[0].in_features, hidden.device)
-        last_input: list[torch.Tensor] = []
-
-        def accumulate(_module, args):
-            # the shared quantizer runs once per linear of the group; count each input tensor once (the
-            # reference held in last_input keeps the identity check safe from id reuse)
-            if not last_input or last_input[0] is not args[0]:
-                last_input[:] = [args[0]]
-                hessian.add(args[0])
-
-        handle = linears[0].act_quantizer.register_forward_pre_hook(accumulate)
-        try:
-            for start in range(0, hidden.shape[0], batch_size):
-                last_input.clear()
-                run_block(block, hidden[start:start + batch_size], block_kwargs, batch_size)
-        finally:
-            handle.remove()
+        with each_quantizer_input([linears[0].act_quantizer], lambda _q, x: hessian.add(x)):
+            run_block(block, hidden, block_kwargs, batch_size)
         for lin in linears:
             q, scale = gptq_quantize(lin.weight, hessian.hessian, bits, clip_search, block_size, damp, act_order)
             set_quantized_weight(lin, q, scale, bits)

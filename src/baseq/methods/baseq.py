@@ -19,8 +19,8 @@ from ..blockwise import capture_block_inputs, iterate_blocks, run_block
 from ..config import enum_value
 from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer
-from ..quantize import (activation_quantization_disabled, attach_quantizers, gptq_block, quant_linears,
-                        quantize_block_rtn)
+from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
+                        quant_linears, quantize_block_rtn)
 from ..training import ParamGroup, block_mse, train_block
 from .quarot import apply_rotations, head_dim_of
 
@@ -46,13 +46,8 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
     activations, as BASE-Q initialises its biases."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
-    last_input: dict[nn.Module, torch.Tensor] = {}
 
-    def hook(module, args):
-        x = args[0]
-        if last_input.get(module) is x:  # a shared quantizer is called once per reading linear
-            return
-        last_input[module] = x
+    def accumulate(module, x):
         if isinstance(module, KVQuantizer):  # [b, heads, seq, hd]
             total, n = x.double().sum(dim=(0, 2)), x.shape[0] * x.shape[2]
         else:
@@ -60,15 +55,8 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
         sums[module] = sums.get(module, 0) + total
         counts[module] = counts.get(module, 0) + n
 
-    handles = [q.register_forward_pre_hook(hook) for q in quantizers]
-    try:
-        with activation_quantization_disabled(block):
-            for start in range(0, hidden.shape[0], batch_size):
-                last_input.clear()
-                run_block(block, hidden[start:start + batch_size], block_kwargs, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
+    with each_quantizer_input(quantizers, accumulate), activation_quantization_disabled(block):
+        run_block(block, hidden, block_kwargs, batch_size)
     return {q: (sums[q] / counts[q]).float() for q in quantizers}
 
 
