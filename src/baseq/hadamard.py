@@ -28,6 +28,7 @@ __all__ = [
     "orthonormal_hadamard",
     "random_hadamard",
     "hadamard_transform",
+    "kronecker_factors",
 ]
 
 # The cyclotomic search enumerates 2^(e+1) class unions per block; 2^8 keeps it well under 0.1 s.
@@ -333,6 +334,22 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     d = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
     return h * d
+
+
+def kronecker_factors(n: int, max_inner: int = 128) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(outer, inner), +-1 matrices (float64), with kron(outer, inner) = hadamard_matrix(n); inner is the
+    largest Sylvester block of at most max_inner that divides n's power-of-two part, outer is None when it
+    would be 1x1. This is the split the fused quantizer kernel runs: inner in the kernel, outer before it."""
+    n = _check_size(n)
+    split = _split(n)
+    if split is None:
+        raise _size_error(n)
+    m, pow2 = split
+    inner = min(pow2, max_inner)
+    outer = n // inner
+    # kron(H_m, H_pow2) with H_pow2 = kron(H_{pow2/inner}, H_inner), both Sylvester
+    return (None if outer == 1 else hadamard_matrix(outer) if m == 1 else
+            torch.kron(_base_matrix(m), _sylvester(pow2 // inner))), _sylvester(inner)
 
 
 _FACTOR_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,0 +1,114 @@
+"""Fused activation quantizer: x -> (optional Hadamard) -> x - B -> * S -> per-token asymmetric 4-bit codes.
+
+One program holds BLOCK_M whole rows in registers, so x is read once and the codes written once. The
+Hadamard's inner factor (a Sylvester block of at most 128, applied to each contiguous block of that size)
+runs inside the kernel as a tensor-core dot; a larger outer factor (e.g. the 172 of 11008 = 172 * 64) is
+one batched matmul before the kernel (see `quantize_activations`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import PACK_GROUP, as_dtype, asymmetric_code, asymmetric_grid, check_device, interpreting
+
+# The largest row tile (BLOCK_M * BLOCK_K) a program holds: 32K fp32 values over 8-16 warps.
+_MAX_TILE = 32768
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
+
+
+def _prune(configs, named_args, **kwargs):
+    block_k = kwargs["BLOCK_K"]
+    had = kwargs["HAD"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_k <= _MAX_TILE
+            and (had == 0 or c.kwargs["BLOCK_M"] * block_k // had >= 16)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@triton.autotune(configs=_configs(), key=["K", "HAD", "HAS_BIAS", "HAS_SCALE", "BLOCK_K"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _quantize_activation_kernel(
+    x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, had_ptr,
+    M, K, KP, stride_xm, stride_cm, clip, had_norm,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if HAD > 0:
+        h = tl.load(had_ptr + tl.arange(0, HAD)[:, None] * HAD + tl.arange(0, HAD)[None, :])
+        blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // HAD, HAD))
+        rotated = tl.dot(blocks, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        # the reference transform computes in fp32 and returns the input's dtype
+        x = as_dtype(tl.reshape(rotated, (BLOCK_M, BLOCK_K)) * had_norm, DTYPE)
+    else:
+        x = x.to(tl.float32)
+    if HAS_BIAS:
+        x = as_dtype(x - tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], DTYPE)
+    if HAS_SCALE:
+        x = as_dtype(x * tl.load(mult_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], DTYPE)
+    xmax = tl.max(tl.where(col_ok[None, :], x, float("-inf")), axis=1)
+    xmin = tl.min(tl.where(col_ok[None, :], x, float("inf")), axis=1)
+    scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
+    codes = asymmetric_code(x, scale[:, None], zero[:, None], 15, DTYPE) - 8.0
+    codes = tl.where(col_ok[None, :], codes, 0.0)
+    tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], codes.to(tl.int8),
+             mask=row_ok[:, None] & (cols < KP)[None, :])
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    tl.store(offset_ptr + rows, scale * (8.0 - zero), mask=row_ok)
+
+
+def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
+                         scale: torch.Tensor | None = None, hadamard: tuple | None = None):
+    """Per-token asymmetric 4-bit quantization of x [M, K] after an optional Hadamard, bias and scale.
+
+    hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
+    on its device; outer may be None; inner at most 128), or None. The transform is x @ kron(outer, inner) / sqrt(n).
+    Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
+    """
+    check_device(x)
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_activations needs a row-major [M, K] tensor, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    m, k = x.shape
+    had_size, had_norm, inner = 0, 1.0, x  # x is a placeholder pointer when there is no Hadamard
+    if hadamard is not None:
+        outer, inner, n = hadamard
+        if n != k:
+            raise ValueError(f"Hadamard of size {n} for rows of {k}")
+        if outer is not None:
+            # y[t, p, q] = sum_i outer[i, p] x[t, i, q]: one batched matmul over the outer index
+            x = torch.matmul(outer.T, x.view(m, outer.shape[0], -1)).view(m, k)
+        had_size, had_norm = inner.shape[0], 1.0 / math.sqrt(n)
+    kp = -(-k // PACK_GROUP) * PACK_GROUP
+    codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+    tok_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    tok_offset = torch.empty(m, dtype=torch.float32, device=x.device)
+    # the clip the reference multiplies by is a tensor of the model's dtype
+    clip = float(torch.tensor(float(clip)).to(x.dtype))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _quantize_activation_kernel[grid](
+        x, codes, tok_scale, tok_offset,
+        bias if bias is not None else x, scale if scale is not None else x, inner,
+        m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAD=had_size, DOT_PRECISION=precision,
+        BLOCK_K=triton.next_power_of_2(kp))
+    return codes, tok_scale, tok_offset
+
+
+__all__ = ["quantize_activations"]

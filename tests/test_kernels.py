@@ -1,0 +1,132 @@
+"""The Triton kernels against the project's quantizer and an integer reference. On a CPU they run in
+Triton's interpreter (conftest sets TRITON_INTERPRET=1); with a GPU the same tests compile them for real.
+Inputs are drawn fresh each run; the seed is in the failure message."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from baseq.hadamard import hadamard_transform, kronecker_factors  # noqa: E402
+from baseq.quant import asymmetric_codes, fake_quantize_asymmetric  # noqa: E402
+from baseq_kernels import (PACK_GROUP, dequantize_kv, pack_int4, quantize_activations, quantize_kv,  # noqa: E402
+                           unpack_int4, w4a4_matmul)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def gen():
+    """A fresh seed each run; gen.initial_seed() reproduces a failure."""
+    return torch.Generator().manual_seed(random.randrange(2**31))
+
+
+def padded(codes: torch.Tensor) -> torch.Tensor:
+    m, k = codes.shape
+    kp = -(-k // PACK_GROUP) * PACK_GROUP
+    out = torch.zeros(m, kp, dtype=torch.int8)
+    out[:, :k] = codes
+    return out
+
+
+def test_pack_int4_roundtrip_and_padding(gen):
+    codes = torch.randint(-8, 8, (7, 200), generator=gen, dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.shape == (7, 128) and packed.dtype == torch.int8
+    assert torch.equal(unpack_int4(packed, 200), codes), f"seed {gen.initial_seed()}"
+    assert torch.equal(unpack_int4(packed, 256)[:, 200:], torch.zeros(7, 56, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([[8]]))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 48, 200), (16, 64, 256), (70, 40, 640), (129, 96, 384)])
+def test_w4a4_gemm_is_exact_integer_arithmetic(gen, m, n, k):
+    """Unit scales and zero offsets leave the integer dot product, which must be exact (decode path for
+    m <= 64 with split-K atomics, prefill path above)."""
+    x = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    out = w4a4_matmul(padded(x).to(DEVICE), torch.ones(m, device=DEVICE), torch.zeros(m, device=DEVICE),
+                      pack_int4(w).to(DEVICE), torch.ones(n, device=DEVICE), w.float().sum(1).to(DEVICE),
+                      out_dtype=torch.float32)
+    assert torch.equal(out.cpu(), (x.long() @ w.long().T).float()), f"seed {gen.initial_seed()}"
+
+
+def test_w4a4_gemm_epilogue_matches_dequantized_matmul(gen):
+    """Scales, zero points and bias: the result equals the float matmul of the dequantized operands."""
+    m, n, k = 80, 64, 320
+    q = torch.randint(0, 16, (m, k), generator=gen)
+    zero = torch.randint(0, 16, (m, 1), generator=gen).float()
+    x_scale = torch.rand(m, 1, generator=gen) + 0.1
+    w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=gen) + 0.1
+    bias = torch.randn(n, generator=gen)
+    expected = ((q - zero) * x_scale).double() @ (w.double() * w_scale.double()[:, None]).T + bias.double()
+    out = w4a4_matmul(padded((q - 8).to(torch.int8)).to(DEVICE), x_scale[:, 0].to(DEVICE),
+                      (x_scale * (8 - zero))[:, 0].to(DEVICE), pack_int4(w).to(DEVICE), w_scale.to(DEVICE),
+                      w.float().sum(1).to(DEVICE), bias.to(DEVICE), out_dtype=torch.float32)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-4, msg=f"seed {gen.initial_seed()}")
+
+
+def test_w4a4_gemm_rejects_mismatched_operands():
+    codes = torch.zeros(4, 256, dtype=torch.int8, device=DEVICE)
+    packed = torch.zeros(8, 64, dtype=torch.int8, device=DEVICE)
+    ones = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match="do not match packed weight"):
+        w4a4_matmul(codes, ones[:4], ones[:4], packed, ones, ones)
+
+
+@pytest.mark.parametrize("k,online_hadamard", [(200, False), (576, False), (1536, True), (4096, True)])
+def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hadamard):
+    m = 9
+    x = torch.randn(m, k, generator=gen) * 3 + torch.randn(k, generator=gen)
+    bias = torch.randn(k, generator=gen) * 0.5
+    scale = torch.rand(k, generator=gen) + 0.5
+    hadamard = None
+    reference_in = x
+    if online_hadamard:
+        outer, inner = kronecker_factors(k)
+        hadamard = (None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), k)
+        reference_in = hadamard_transform(x)
+    ref_codes, ref_scale, ref_zero = asymmetric_codes((reference_in - bias) * scale, 4, 0.9)
+    codes, tok_scale, tok_offset = quantize_activations(x.to(DEVICE), 0.9, bias.to(DEVICE), scale.to(DEVICE), hadamard)
+    codes, tok_scale, tok_offset = codes.cpu(), tok_scale.cpu(), tok_offset.cpu()
+    assert codes.shape == (m, -(-k // PACK_GROUP) * PACK_GROUP)
+    assert torch.equal(codes[:, k:], torch.zeros_like(codes[:, k:])), "padding codes must be 0"
+    diff = (codes[:, :k].float() + 8 - ref_codes).abs()
+    if online_hadamard:
+        # the kernel sums the transform in another order: a code may move by one at a rounding boundary
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"seed {gen.initial_seed()}"
+        torch.testing.assert_close(tok_scale, ref_scale[:, 0], rtol=1e-5, atol=0, msg=f"seed {gen.initial_seed()}")
+    else:
+        assert diff.max() == 0, f"seed {gen.initial_seed()}"
+        assert torch.equal(tok_scale, ref_scale[:, 0]), f"seed {gen.initial_seed()}"
+        assert torch.equal(tok_offset, ref_scale[:, 0] * (8 - ref_zero[:, 0])), f"seed {gen.initial_seed()}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision dots are wrong in the interpreter")
+def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen):
+    k = 4096
+    x = (torch.randn(64, k, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    outer, inner = kronecker_factors(k)
+    hadamard = (outer.to(DEVICE, torch.bfloat16), inner.to(DEVICE, torch.bfloat16), k)
+    ref_codes, _, _ = asymmetric_codes(hadamard_transform(x), 4, torch.tensor(0.9, dtype=torch.bfloat16))
+    codes, _, _ = quantize_activations(x, 0.9, None, None, hadamard)
+    diff = (codes.float() + 8 - ref_codes.float()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02, f"seed {gen.initial_seed()}"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
+    x = torch.randn(2, 5, 3, 64, generator=gen).transpose(1, 2)   # [B, H, S, D], not contiguous
+    bias = torch.randn(3, 64, generator=gen) * 0.3 if with_bias else None
+    packed, scale, zero = quantize_kv(x.to(DEVICE), 0.95, None if bias is None else bias.to(DEVICE))
+    assert packed.shape == (2, 3, 5, 32) and packed.dtype == torch.uint8
+    out = dequantize_kv(packed, scale, zero, torch.float32, None if bias is None else bias.to(DEVICE)).cpu()
+    clip = torch.tensor(0.95)
+    expected = fake_quantize_asymmetric(x, 4, clip) if bias is None else \
+        fake_quantize_asymmetric(x - bias[:, None], 4, clip) + bias[:, None]
+    assert torch.equal(out, expected), f"seed {gen.initial_seed()}"
