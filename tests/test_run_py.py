@@ -110,3 +110,23 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
         pytest.skip("this machine has a GPU")
     out = run([f"results_dir={tmp_path}", "device=cuda"], timeout=120)
     assert out.returncode != 0 and "no CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kernels_eval_records_the_runtime_ppl_next_to_the_fake_quant_ppl(tiny_model_dirs, tiny_data_root, tmp_path):
+    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method=quarot", "compare_with=[]",
+                        "eval.kernels=true"), env_extra={"TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    [rec] = records(tmp_path)
+    metrics = rec["metrics"]
+    assert abs(metrics["wikitext2_ppl_kernels"] / metrics["wikitext2_ppl"] - 1) < 5e-3
+    assert metrics["kernels_vs_fake_ppl"] == pytest.approx(metrics["wikitext2_ppl_kernels"] / metrics["wikitext2_ppl"] - 1)
+    assert rec["timings_s"]["eval_ppl_kernels"] > 0
+
+
+def test_kernels_eval_without_a_gpu_is_one_line(tiny_model_dirs, tiny_data_root, tmp_path):
+    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method=quarot", "compare_with=[]",
+                        "eval.kernels=true"), env_extra={"TRITON_INTERPRET": "0"})
+    assert out.returncode != 0
+    assert "eval.kernels=true" in out.stderr and "Traceback" not in out.stderr
+    [rec] = records(tmp_path)
+    assert rec["status"] == "failed"

@@ -147,6 +147,8 @@ class EvalConfig:
     name: str = MISSING
     ppl: Optional[PerplexityConfig] = field(default_factory=PerplexityConfig)   # null: no perplexity
     zeroshot: Optional[ZeroShotConfig] = None                                   # null: no zero-shot
+    # also convert the quantized model to packed int4 + Triton kernels (baseq.runtime) and measure its ppl
+    kernels: bool = False
 
 
 @dataclass

@@ -66,10 +66,29 @@ def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg:
         with timer.stage(f"{prefix}eval_zeroshot"):
             metrics.update(evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device))
         sources["zeroshot"] = zeroshot_sources(list(zs.tasks), root)
+    if cfg.eval.kernels and windows is not None and method_cfg.algorithm != "fp":
+        metrics.update(evaluate_with_kernels(model, family, windows, device, cfg.eval.ppl.batch_size, timer, prefix,
+                                             metrics["wikitext2_ppl"]))
     model.to("cpu")
     if ctx.report:
         metrics["method_report"] = ctx.report
     return metrics
+
+
+def evaluate_with_kernels(model, family, windows, device, batch_size, timer, prefix, fake_ppl) -> dict:
+    """Convert the fake-quant model to the W4A4 runtime (in place) and measure its perplexity on the same
+    windows: the check that the kernels compute what was evaluated."""
+    from baseq_kernels import interpreting
+
+    from .runtime import convert_to_w4a4
+
+    if device.type != "cuda" and not interpreting():
+        raise UserError("eval.kernels=true runs the Triton kernels, which need device=cuda "
+                        "(or TRITON_INTERPRET=1 for a slow CPU check)")
+    with timer.stage(f"{prefix}eval_ppl_kernels"):
+        convert_to_w4a4(model.to(device), family)
+        ppl = perplexity(window_nlls(model, windows, device, batch_size))
+    return {"wikitext2_ppl_kernels": ppl, "kernels_vs_fake_ppl": ppl / fake_ppl - 1}
 
 
 def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None, run_key: str | None = None) -> dict:

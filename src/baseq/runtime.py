@@ -9,11 +9,13 @@ the GEMM's fp32 epilogue. The kernels need CUDA, or TRITON_INTERPRET=1 on the CP
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .errors import UserError
-from .hadamard import hadamard_transform, kronecker_factors
+from .hadamard import hadamard_matrix, hadamard_transform, kronecker_factors
 from .models.families import ModelFamily
 from .modules import AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer
@@ -88,7 +90,10 @@ class W4A4Linear(nn.Module):
         scale = linear.weight_scale.detach().double().reshape(-1, 1)
         codes = torch.round(weight / scale)
         off_grid = (weight / scale - codes).abs().max().item() if weight.numel() else 0.0
-        if off_grid > 1e-3 or codes.min() < -8 or codes.max() > 7:
+        # a half-precision weight holds code * scale rounded to 8 (bf16) or 11 (fp16) bits: |code| <= 8 moves
+        # by at most 8 * 2^-9 = 0.016, far from the 0.5 that would change the rounding back to the code
+        tolerance = 1e-3 if linear.weight.dtype == torch.float32 else 0.05
+        if off_grid > tolerance or codes.min() < -8 or codes.max() > 7:
             raise UserError(f"weight of a {self.in_features}->{self.out_features} layer is not on its int4 grid "
                             f"(max distance {off_grid:.3g}); was it changed after quantization?")
         self.register_buffer("packed_weight", kernels.pack_int4(codes.to(torch.int8)))
@@ -125,6 +130,7 @@ class KV4AttentionQuantizer(nn.Module):
         self.k_clip, self.v_clip = _clip(fake.k_quantizer), _clip(fake.v_quantizer)
         self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype))
         self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype))
+        self._head_hadamard: torch.Tensor | None = None
 
     @staticmethod
     def _bias(quantizer: KVQuantizer, dtype: torch.dtype):
@@ -135,9 +141,18 @@ class KV4AttentionQuantizer(nn.Module):
         packed, scale, zero = kernels.quantize_kv(x, clip, bias)
         return kernels.dequantize_kv(packed, scale, zero, x.dtype, bias)
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return hadamard_transform(x)
+        # half precision: one tensor-core matmul (hadamard_transform would compute in fp32 without them)
+        d = x.shape[-1]
+        if self._head_hadamard is None or self._head_hadamard.device != x.device:
+            self._head_hadamard = (hadamard_matrix(d) / math.sqrt(d)).to(x.device, x.dtype)
+        return torch.matmul(x, self._head_hadamard)
+
     def forward(self, query, key, value):
         if self.rotate_qk:
-            query, key = hadamard_transform(query), hadamard_transform(key)
+            query, key = self.rotate(query), self.rotate(key)
         if self.kv_bits == 16:
             return query, key, value
         return query, self.cache_roundtrip(key, self.k_clip, self.k_bias), \
