@@ -15,26 +15,19 @@ import triton.language as tl
 
 from .common import PACK_GROUP, as_dtype, asymmetric_code, asymmetric_grid, check_device, interpreting
 
-# The largest row tile (BLOCK_M * BLOCK_K) a program holds: 32K fp32 values over 8-16 warps.
-_MAX_TILE = 32768
+# Row tile (BLOCK_M * BLOCK_K values) a program holds. One config per shape instead of autotuning: larger
+# tiles gain nothing on a memory-bound pass, and with the in-kernel Hadamard dot they compile for minutes.
+_TILE = 8192
 
 
-def _configs():
+def _launch_config(block_k: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps): at least one whole row; about 1K values per warp."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
+        return max(1, 4 * _TILE // block_k), 4
+    block_m = max(1, _TILE // block_k)
+    return block_m, min(16, max(4, block_m * block_k // 1024))
 
 
-def _prune(configs, named_args, **kwargs):
-    block_k = kwargs["BLOCK_K"]
-    had = kwargs["HAD"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_k <= _MAX_TILE
-            and (had == 0 or c.kwargs["BLOCK_M"] * block_k // had >= 16)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-
-@triton.autotune(configs=_configs(), key=["K", "HAD", "HAS_BIAS", "HAS_SCALE", "BLOCK_K"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _quantize_activation_kernel(
     x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, had_ptr,
@@ -101,13 +94,14 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     # the clip the reference multiplies by is a tensor of the model's dtype
     clip = float(torch.tensor(float(clip)).to(x.dtype))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _quantize_activation_kernel[grid](
+    block_k = triton.next_power_of_2(kp)
+    block_m, warps = _launch_config(block_k)
+    _quantize_activation_kernel[(triton.cdiv(m, block_m),)](
         x, codes, tok_scale, tok_offset,
         bias if bias is not None else x, scale if scale is not None else x, inner,
         m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAD=had_size, DOT_PRECISION=precision,
-        BLOCK_K=triton.next_power_of_2(kp))
+        BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps)
     return codes, tok_scale, tok_offset
 
 

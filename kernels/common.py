@@ -13,7 +13,7 @@ PACK_GROUP = 128
 
 # Adding then subtracting 1.5 * 2^23 rounds an fp32 |x| < 2^22 to the nearest integer, ties to even, which
 # is torch.round's rule; libdevice.rint would do the same on the GPU but does not exist in the interpreter.
-_ROUND_MAGIC = 12582912.0
+_ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 def interpreting() -> bool:
