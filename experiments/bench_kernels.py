@@ -97,6 +97,24 @@ def bench_gemm(m: int, n: int, k: int) -> dict:
             "config": f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"}
 
 
+def bench_weight_layouts(m: int, n: int, k: int) -> dict:
+    """Packed int4 weights (unpacked in registers) against int8-stored codes (no unpacking) at one shape."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    codes_w, w_scale, packed, w_sum = random_w4(n, k)
+    xq, xs, xo = quantize_activations(x)
+    int8_w = torch.zeros(n, xq.shape[1], dtype=torch.int8, device="cuda")
+    int8_w[:, :k] = codes_w
+    same = torch.equal(w4a4_matmul(xq, xs, xo, packed, w_scale, w_sum), w4a4_matmul(xq, xs, xo, int8_w, w_scale, w_sum))
+    w_bf16 = codes_w.to(torch.bfloat16) * w_scale[:, None].to(torch.bfloat16)
+    t_bf16 = median_ms(lambda: F.linear(x, w_bf16))
+    t_packed = median_ms(lambda: w4a4_matmul(xq, xs, xo, packed, w_scale, w_sum))
+    t_int8 = median_ms(lambda: w4a4_matmul(xq, xs, xo, int8_w, w_scale, w_sum))
+    cfg = _w4a4_prefill.best_config
+    return {"m": m, "n": n, "k": k, "bf16_ms": t_bf16, "packed_ms": t_packed, "int8_ms": t_int8,
+            "packed_speedup": t_bf16 / t_packed, "int8_speedup": t_bf16 / t_int8, "identical": same,
+            "int8_config": f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"}
+
+
 def bench_quantizer(m: int, k: int, online: bool, bandwidth: float) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = scale = hadamard = None
@@ -126,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one model's shapes, M in {16, 2048}")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--layouts-only", action="store_true",
+                        help="only the packed-vs-int8 weight comparison (Llama-2-7B shapes, M=8192)")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
@@ -136,6 +156,17 @@ def main() -> None:
     result.update(copy_bandwidth_tbs=bandwidth / 1e12, bf16_matmul_tflops=rate / 1e12)
     print(f"{result['device']}: copy {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} "
           f"TFLOP/s", flush=True)
+    layouts = []
+    for name, (n, k) in SHAPES["llama2-7b"].items():
+        row = {"layer": name, **bench_weight_layouts(8192, n, k)}
+        layouts.append(row)
+        print(f"layout {name:8s} M=8192 bf16 {row['bf16_ms']:.4f} ms  packed int4 x{row['packed_speedup']:.2f}  "
+              f"int8-stored x{row['int8_speedup']:.2f}  identical={row['identical']}  {row['int8_config']}", flush=True)
+    result["weight_layouts"] = layouts
+    if args.layouts_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_layouts.json").write_text(json.dumps(result, indent=1))
+        return
     ms = [16, 2048] if args.quick else [1, 16, 2048, 8192, 16384]
     models = list(SHAPES)[:1] if args.quick else list(SHAPES)
     gemm = []

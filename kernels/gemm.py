@@ -78,7 +78,7 @@ def _w4a4_kernel(
     x_ptr, w_ptr, out_ptr, x_scale_ptr, x_offset_ptr, w_scale_ptr, w_sum_ptr, bias_ptr,
     M, N, K_GROUPS, stride_xm, stride_wn, stride_om, M_BUCKET,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
-    SPLIT_K: tl.constexpr, SWIZZLE: tl.constexpr = 8,
+    SPLIT_K: tl.constexpr, SWIZZLE: tl.constexpr = 8, PACKED: tl.constexpr = True,
 ):
     HALF: tl.constexpr = 64
     STEP_BYTES: tl.constexpr = GROUPS_PER_STEP * HALF    # weight bytes per row per step
@@ -98,10 +98,15 @@ def _w4a4_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = offs_n % N   # wrapped rows keep every load in bounds; they are never stored
     rm = offs_m % M
-    byte = tl.arange(0, STEP_BYTES)
-    low_k = (byte // HALF) * (2 * HALF) + byte % HALF   # activation column of each byte's low nibble
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
-    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + low_k[:, None]
+    if PACKED:
+        byte = tl.arange(0, STEP_BYTES)
+        low_k = (byte // HALF) * (2 * HALF) + byte % HALF   # activation column of each byte's low nibble
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + byte[None, :]
+        x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + low_k[:, None]
+    else:   # unpacked int8 weight codes [N, Kp]: the layout variant that measures the cost of unpacking
+        col = tl.arange(0, STEP_K)
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + col[None, :]
+        x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + col[:, None]
 
     steps = K_GROUPS // GROUPS_PER_STEP
     per_split = tl.cdiv(steps, SPLIT_K)
@@ -109,11 +114,14 @@ def _w4a4_kernel(
     stop = tl.minimum(start + per_split, steps)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for step in range(start, stop):
-        w = tl.load(w_ptrs + step * STEP_BYTES)
-        x_low = tl.load(x_ptrs + step * STEP_K)
-        x_high = tl.load(x_ptrs + step * STEP_K + HALF)
-        acc = tl.dot((w << 4) >> 4, x_low, acc, out_dtype=tl.int32)
-        acc = tl.dot(w >> 4, x_high, acc, out_dtype=tl.int32)
+        if PACKED:
+            w = tl.load(w_ptrs + step * STEP_BYTES)
+            x_low = tl.load(x_ptrs + step * STEP_K)
+            x_high = tl.load(x_ptrs + step * STEP_K + HALF)
+            acc = tl.dot((w << 4) >> 4, x_low, acc, out_dtype=tl.int32)
+            acc = tl.dot(w >> 4, x_high, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(tl.load(w_ptrs + step * STEP_K), tl.load(x_ptrs + step * STEP_K), acc, out_dtype=tl.int32)
 
     first = (pid_k == 0).to(tl.float32)
     y = acc.to(tl.float32) * tl.load(x_scale_ptr + rm)[None, :]
@@ -129,9 +137,9 @@ def _w4a4_kernel(
         tl.atomic_add(out_ptrs, y, mask=mask, sem="relaxed")
 
 
-_w4a4_prefill = triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K_GROUPS", "HAS_BIAS"],
+_w4a4_prefill = triton.autotune(configs=_prefill_configs(), key=["M_BUCKET", "N", "K_GROUPS", "HAS_BIAS", "PACKED"],
                                 prune_configs_by={"early_config_prune": _prune})(_w4a4_kernel)
-_w4a4_decode = triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K_GROUPS", "HAS_BIAS"],
+_w4a4_decode = triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", "K_GROUPS", "HAS_BIAS", "PACKED"],
                                prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["out_ptr"])(_w4a4_kernel)
 
 # At most this many tokens go through the split-K decode kernel.
@@ -144,11 +152,13 @@ def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tens
     """y [M, N] = dequant(codes) @ dequant(W)^T + bias, computed exactly in int32 then scaled in fp32.
 
     codes int8 [M, Kp], x_scale/x_offset fp32 [M] (from quantize_activations); packed_weight int8 [N, Kp/2]
-    (pack_int4); w_scale fp32 [N]; w_sum fp32 [N] (row sums of the int4 codes); bias fp32 [N] or None."""
+    (pack_int4), or the unpacked int8 codes [N, Kp] (twice the bytes; the benchmark's comparison layout);
+    w_scale fp32 [N]; w_sum fp32 [N] (row sums of the int4 codes); bias fp32 [N] or None."""
     check_device(codes, packed_weight)
     m, kp = codes.shape
     n = packed_weight.shape[0]
-    if kp % PACK_GROUP or packed_weight.shape[1] * 2 != kp:
+    packed = packed_weight.shape[1] * 2 == kp
+    if kp % PACK_GROUP or not (packed or packed_weight.shape[1] == kp):
         raise ValueError(f"activation codes [{m}, {kp}] do not match packed weight {tuple(packed_weight.shape)} "
                          f"(both must cover K padded to a multiple of {PACK_GROUP})")
     if codes.stride(1) != 1 or packed_weight.stride(1) != 1:
@@ -161,7 +171,7 @@ def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tens
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])  # noqa: E731
     kernel[grid](codes, packed_weight, out, x_scale, x_offset, w_scale, w_sum, bias if bias is not None else w_scale,
                  m, n, kp // PACK_GROUP, codes.stride(0), packed_weight.stride(0), out.stride(0), bucket,
-                 HAS_BIAS=bias is not None)
+                 HAS_BIAS=bias is not None, PACKED=packed)
     return out.to(out_dtype) if small else out
 
 

@@ -49,10 +49,12 @@ def test_w4a4_gemm_is_exact_integer_arithmetic(gen, m, n, k):
     m <= 64 with split-K atomics, prefill path above)."""
     x = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int8)
     w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    out = w4a4_matmul(padded(x).to(DEVICE), torch.ones(m, device=DEVICE), torch.zeros(m, device=DEVICE),
-                      pack_int4(w).to(DEVICE), torch.ones(n, device=DEVICE), w.float().sum(1).to(DEVICE),
-                      out_dtype=torch.float32)
-    assert torch.equal(out.cpu(), (x.long() @ w.long().T).float()), f"seed {gen.initial_seed()}"
+    expected = (x.long() @ w.long().T).float()
+    for weight in (pack_int4(w), padded(w)):   # packed int4, and the unpacked int8 comparison layout
+        out = w4a4_matmul(padded(x).to(DEVICE), torch.ones(m, device=DEVICE), torch.zeros(m, device=DEVICE),
+                          weight.to(DEVICE), torch.ones(n, device=DEVICE), w.float().sum(1).to(DEVICE),
+                          out_dtype=torch.float32)
+        assert torch.equal(out.cpu(), expected), f"seed {gen.initial_seed()}"
 
 
 def test_w4a4_gemm_epilogue_matches_dequantized_matmul(gen):
@@ -97,14 +99,15 @@ def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hada
     assert codes.shape == (m, -(-k // PACK_GROUP) * PACK_GROUP)
     assert torch.equal(codes[:, k:], torch.zeros_like(codes[:, k:])), "padding codes must be 0"
     diff = (codes[:, :k].float() + 8 - ref_codes).abs()
-    if online_hadamard:
-        # the kernel sums the transform in another order: a code may move by one at a rounding boundary
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"seed {gen.initial_seed()}"
-        torch.testing.assert_close(tok_scale, ref_scale[:, 0], rtol=1e-5, atol=0, msg=f"seed {gen.initial_seed()}")
-    else:
-        assert diff.max() == 0, f"seed {gen.initial_seed()}"
-        assert torch.equal(tok_scale, ref_scale[:, 0]), f"seed {gen.initial_seed()}"
-        assert torch.equal(tok_offset, ref_scale[:, 0] * (8 - ref_zero[:, 0])), f"seed {gen.initial_seed()}"
+    # Exact but for rounding: the kernel sums the Hadamard in another order, and torch on the host may divide
+    # by the constant 15 through its reciprocal, so a scale can differ in the last bit and a code that sits
+    # on a rounding boundary can move by one.
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"seed {gen.initial_seed()}"
+    torch.testing.assert_close(tok_scale, ref_scale[:, 0], rtol=1e-6, atol=0, msg=f"seed {gen.initial_seed()}")
+    torch.testing.assert_close(tok_offset, ref_scale[:, 0] * (8 - ref_zero[:, 0]), rtol=1e-6, atol=0,
+                               msg=f"seed {gen.initial_seed()}")
+    if not online_hadamard and DEVICE.type == "cpu":
+        assert diff.max() == 0, f"seed {gen.initial_seed()}"   # the interpreter divides as torch does
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision dots are wrong in the interpreter")
@@ -113,10 +116,16 @@ def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen):
     x = (torch.randn(64, k, generator=gen) * 3).to(DEVICE, torch.bfloat16)
     outer, inner = kronecker_factors(k)
     hadamard = (outer.to(DEVICE, torch.bfloat16), inner.to(DEVICE, torch.bfloat16), k)
-    ref_codes, _, _ = asymmetric_codes(hadamard_transform(x), 4, torch.tensor(0.9, dtype=torch.bfloat16))
-    codes, _, _ = quantize_activations(x, 0.9, None, None, hadamard)
-    diff = (codes.float() + 8 - ref_codes.float()).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02, f"seed {gen.initial_seed()}"
+    rotated = hadamard_transform(x)
+    ref_codes, ref_scale, ref_zero = asymmetric_codes(rotated, 4, torch.tensor(0.9, dtype=torch.bfloat16))
+    codes, tok_scale, tok_offset = quantize_activations(x, 0.9, None, None, hadamard)
+    # the outer factor's output is rounded to bf16 before the inner one (the reference rounds once, at the
+    # end), which can move a token's min/max, hence its whole grid: compare dequantized values
+    dequantized = codes.float() * tok_scale[:, None] + tok_offset[:, None]
+    reference = (ref_codes.float() - ref_zero.float()) * ref_scale.float()
+    step = ref_scale.float()
+    assert ((dequantized - reference).abs() <= 1.01 * step).all(), f"seed {gen.initial_seed()}"
+    assert ((dequantized - reference).norm() / reference.norm()).item() < 2e-2, f"seed {gen.initial_seed()}"
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -129,4 +138,5 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
     clip = torch.tensor(0.95)
     expected = fake_quantize_asymmetric(x, 4, clip) if bias is None else \
         fake_quantize_asymmetric(x - bias[:, None], 4, clip) + bias[:, None]
-    assert torch.equal(out, expected), f"seed {gen.initial_seed()}"
+    # equal but where torch's host division by 15 rounds a scale differently in its last bit
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
