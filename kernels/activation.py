@@ -45,6 +45,10 @@ def _quantize_activation_kernel(
     if HAD > 0:
         h = tl.load(had_ptr + tl.arange(0, HAD)[:, None] * HAD + tl.arange(0, HAD)[None, :])
         blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // HAD, HAD))
+        # fp32 operands: the same dot on bf16 operands of this reshaped tile gave wrong sums on the H100
+        # (Triton 3.6; scales off by up to 24% where fp32 operands agree with the reference). bf16 values
+        # and +-1 are exact in tf32, so "tf32" still runs on tensor cores without rounding anything.
+        blocks, h = blocks.to(tl.float32), h.to(tl.float32)
         rotated = tl.dot(blocks, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         # the reference transform computes in fp32 and returns the input's dtype
         x = as_dtype(tl.reshape(rotated, (BLOCK_M, BLOCK_K)) * had_norm, DTYPE)
@@ -66,11 +70,14 @@ def _quantize_activation_kernel(
 
 
 def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
-                         scale: torch.Tensor | None = None, hadamard: tuple | None = None):
+                         scale: torch.Tensor | None = None, hadamard: tuple | None = None,
+                         hadamard_precision: str | None = None):
     """Per-token asymmetric 4-bit quantization of x [M, K] after an optional Hadamard, bias and scale.
 
     hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
     on its device; outer may be None; inner at most 128), or None. The transform is x @ kron(outer, inner) / sqrt(n).
+    hadamard_precision: the in-kernel dot's input precision ("ieee" or "tf32"); by default "ieee" for fp32
+    inputs and "tf32" (exact for them) for bf16/fp16 inputs.
     Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
     """
     check_device(x)
@@ -93,7 +100,8 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     tok_offset = torch.empty(m, dtype=torch.float32, device=x.device)
     # the clip the reference multiplies by is a tensor of the model's dtype
     clip = float(torch.tensor(float(clip)).to(x.dtype))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    # fp32 inputs are not exact in tf32; half-precision ones are
+    precision = hadamard_precision or ("ieee" if x.dtype == torch.float32 else "tf32")
     block_k = triton.next_power_of_2(kp)
     block_m, warps = _launch_config(block_k)
     _quantize_activation_kernel[(triton.cdiv(m, block_m),)](

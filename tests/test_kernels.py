@@ -123,8 +123,8 @@ def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen):
     # end), which can move a token's min/max, hence its whole grid: compare dequantized values
     dequantized = codes.float() * tok_scale[:, None] + tok_offset[:, None]
     reference = (ref_codes.float() - ref_zero.float()) * ref_scale.float()
-    step = ref_scale.float()
-    assert ((dequantized - reference).abs() <= 1.01 * step).all(), f"seed {gen.initial_seed()}"
+    beyond_a_step = (dequantized - reference).abs() > 1.01 * ref_scale.float()
+    assert beyond_a_step.float().mean().item() < 1e-3, f"seed {gen.initial_seed()}"
     assert ((dequantized - reference).norm() / reference.norm()).item() < 2e-2, f"seed {gen.initial_seed()}"
 
 

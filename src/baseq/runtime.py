@@ -40,20 +40,21 @@ class PackedInputQuantizer(nn.Module):
     too, and the input is quantized once: the result is kept for the next `consumers - 1` calls with the
     same tensor, then dropped."""
 
-    def __init__(self, fake: ActivationQuantizer, online_hadamard: bool, consumers: int, dtype: torch.dtype):
+    def __init__(self, fake: ActivationQuantizer, online_hadamard: bool, consumers: int, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
         if fake.bits != 4:
             raise UserError(f"the W4A4 runtime needs 4-bit activations, this layer has {fake.bits}; "
                             f"use quant=w4a4kv4 (or another a_bits=4 preset)")
         self.dim, self.clip, self.consumers = fake.dim, _clip(fake), consumers
-        self.register_buffer("bias", None if fake.bias is None else fake.bias.detach().to(dtype))
-        self.register_buffer("scale", None if fake.scale is None else fake.scale.detach().to(dtype))
+        self.register_buffer("bias", None if fake.bias is None else fake.bias.detach().to(device, dtype))
+        self.register_buffer("scale", None if fake.scale is None else fake.scale.detach().to(device, dtype))
         self.register_buffer("hadamard_outer", None)
         self.register_buffer("hadamard_inner", None)
         if online_hadamard:
             outer, inner = kronecker_factors(self.dim)
-            self.hadamard_outer = None if outer is None else outer.to(dtype)
-            self.hadamard_inner = inner.to(dtype)
+            self.hadamard_outer = None if outer is None else outer.to(device, dtype)
+            self.hadamard_inner = inner.to(device, dtype)
         self._last: tuple | None = None
 
     def forward(self, x: torch.Tensor):
@@ -121,20 +122,20 @@ class KV4AttentionQuantizer(nn.Module):
     """Runtime twin of AttentionQuantizer: R3 on queries and keys, then keys and values through the 4-bit
     cache kernels (quantize to packed codes, dequantize for attention)."""
 
-    def __init__(self, fake: AttentionQuantizer, dtype: torch.dtype):
+    def __init__(self, fake: AttentionQuantizer, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.rotate_qk = fake.rotate_qk
         self.kv_bits = fake.k_quantizer.bits
         if self.kv_bits not in (4, 16):
             raise UserError(f"the runtime's KV cache is 4-bit (or unquantized), got kv_bits={self.kv_bits}")
         self.k_clip, self.v_clip = _clip(fake.k_quantizer), _clip(fake.v_quantizer)
-        self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype))
-        self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype))
+        self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype, device))
+        self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype, device))
         self._head_hadamard: torch.Tensor | None = None
 
     @staticmethod
-    def _bias(quantizer: KVQuantizer, dtype: torch.dtype):
-        return None if quantizer.bias is None else quantizer.bias.detach().to(dtype).contiguous()
+    def _bias(quantizer: KVQuantizer, dtype: torch.dtype, device: torch.device):
+        return None if quantizer.bias is None else quantizer.bias.detach().to(device, dtype).contiguous()
 
     def cache_roundtrip(self, x: torch.Tensor, clip: float, bias) -> torch.Tensor:
         kernels = _kernels()
@@ -176,11 +177,13 @@ def convert_to_w4a4(model: nn.Module, family: ModelFamily) -> nn.Module:
         for name, linear in linears.items():
             fake = linear.act_quantizer
             if fake not in runtime_quantizers:
-                runtime_quantizers[fake] = PackedInputQuantizer(fake, linear.online_hadamard, consumers[fake], dtype)
+                runtime_quantizers[fake] = PackedInputQuantizer(fake, linear.online_hadamard, consumers[fake], dtype,
+                                                                linear.weight.device)
             parent_name, child_name = name.rsplit(".", 1)
             setattr(block.get_submodule(parent_name), child_name, W4A4Linear(linear, runtime_quantizers[fake]))
         attention = block.get_submodule(family.attention)
-        attention.attention_quantizer = KV4AttentionQuantizer(attention.attention_quantizer, dtype)
+        attention.attention_quantizer = KV4AttentionQuantizer(attention.attention_quantizer, dtype,
+                                                              linears[family.o_proj].weight.device)
     return model
 
 
