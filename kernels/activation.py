@@ -45,9 +45,9 @@ def _quantize_activation_kernel(
     if HAD > 0:
         h = tl.load(had_ptr + tl.arange(0, HAD)[:, None] * HAD + tl.arange(0, HAD)[None, :])
         blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // HAD, HAD))
-        # fp32 operands: the same dot on bf16 operands of this reshaped tile gave wrong sums on the H100
-        # (Triton 3.6; scales off by up to 24% where fp32 operands agree with the reference). bf16 values
-        # and +-1 are exact in tf32, so "tf32" still runs on tensor cores without rounding anything.
+        # On the H100 (Triton 3.6) the tensor-core dot of this reshaped tile sums wrongly, with bf16 or tf32
+        # operands (token scales off by up to 24%; experiments/check_hadamard_dot.py); only "ieee" (FMA) is
+        # right, and it is the default until the tile is loaded in its dot shape instead of reshaped.
         blocks, h = blocks.to(tl.float32), h.to(tl.float32)
         rotated = tl.dot(blocks, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         # the reference transform computes in fp32 and returns the input's dtype
@@ -76,8 +76,8 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
 
     hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
     on its device; outer may be None; inner at most 128), or None. The transform is x @ kron(outer, inner) / sqrt(n).
-    hadamard_precision: the in-kernel dot's input precision ("ieee" or "tf32"); by default "ieee" for fp32
-    inputs and "tf32" (exact for them) for bf16/fp16 inputs.
+    hadamard_precision: the in-kernel dot's input precision, "ieee" (default; FMA) or "tf32" (tensor cores;
+    exact in principle for bf16 inputs, but it sums wrongly on the H100: see the kernel).
     Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
     """
     check_device(x)
@@ -100,8 +100,7 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     tok_offset = torch.empty(m, dtype=torch.float32, device=x.device)
     # the clip the reference multiplies by is a tensor of the model's dtype
     clip = float(torch.tensor(float(clip)).to(x.dtype))
-    # fp32 inputs are not exact in tf32; half-precision ones are
-    precision = hadamard_precision or ("ieee" if x.dtype == torch.float32 else "tf32")
+    precision = hadamard_precision or "ieee"
     block_k = triton.next_power_of_2(kp)
     block_m, warps = _launch_config(block_k)
     _quantize_activation_kernel[(triton.cdiv(m, block_m),)](
