@@ -57,6 +57,3 @@ def asymmetric_code(x, scale, zero, LEVELS: tl.constexpr, DTYPE: tl.constexpr):
     q = round_half_even(as_dtype(tl.math.div_rn(x, scale), DTYPE)) + zero
     return tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0)
 
-
-def tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
