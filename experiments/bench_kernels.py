@@ -90,9 +90,11 @@ def bench_gemm(m: int, n: int, k: int) -> dict:
     else:
         t_bf16 = median_ms(lambda: F.linear(x, w_bf16))
         t_w4 = median_ms(lambda: w4a4_matmul(xq, xs, xo, packed, w_scale, w_sum, bias))
+        t_inloop = median_ms(lambda: w4a4_matmul(xq, xs, xo, packed, w_scale, w_sum, bias, unpack_first=False))
     tuner = _w4a4_decode if m <= 64 else _w4a4_prefill
     cfg = tuner.best_config
-    return {"m": m, "n": n, "k": k, "bf16_ms": t_bf16, "w4a4_ms": t_w4, "speedup": t_bf16 / t_w4,
+    extra = {} if decode else {"inloop_unpack_ms": t_inloop, "inloop_speedup": t_bf16 / t_inloop}
+    return {**extra, "m": m, "n": n, "k": k, "bf16_ms": t_bf16, "w4a4_ms": t_w4, "speedup": t_bf16 / t_w4,
             "rel_err": err, "w4a4_tops": 2 * m * n * k / (t_w4 * 1e-3) / 1e12,
             "config": f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"}
 
@@ -143,6 +145,8 @@ def bench_kv(b: int, h: int, s: int, d: int, bandwidth: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one model's shapes, M in {16, 2048}")
+    parser.add_argument("--ms", type=int, nargs="+", help="GEMM token counts (default 1 16 2048 8192 16384)")
+    parser.add_argument("--skip-layouts", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--layouts-only", action="store_true",
                         help="only the packed-vs-int8 weight comparison (Llama-2-7B shapes, M=8192)")
@@ -157,7 +161,7 @@ def main() -> None:
     print(f"{result['device']}: copy {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} "
           f"TFLOP/s", flush=True)
     layouts = []
-    for name, (n, k) in SHAPES["llama2-7b"].items():
+    for name, (n, k) in ({} if args.skip_layouts else SHAPES["llama2-7b"]).items():
         row = {"layer": name, **bench_weight_layouts(8192, n, k)}
         layouts.append(row)
         print(f"layout {name:8s} M=8192 bf16 {row['bf16_ms']:.4f} ms  packed int4 x{row['packed_speedup']:.2f}  "
@@ -167,7 +171,7 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_layouts.json").write_text(json.dumps(result, indent=1))
         return
-    ms = [16, 2048] if args.quick else [1, 16, 2048, 8192, 16384]
+    ms = args.ms or ([16, 2048] if args.quick else [1, 16, 2048, 8192, 16384])
     models = list(SHAPES)[:1] if args.quick else list(SHAPES)
     gemm = []
     for model in models:
@@ -176,12 +180,14 @@ def main() -> None:
                 row = {"model": model, "layer": name, **bench_gemm(m, n, k)}
                 gemm.append(row)
                 print(f"gemm {model:10s} {name:8s} M={m:6d} N={n:6d} K={k:6d}  bf16 {row['bf16_ms']:8.4f} ms  "
-                      f"w4a4 {row['w4a4_ms']:8.4f} ms  x{row['speedup']:.2f}  err {row['rel_err']:.1e}  "
+                      f"w4a4 {row['w4a4_ms']:8.4f} ms  x{row['speedup']:.2f}  "
+                      + (f"(in-loop unpack x{row['inloop_speedup']:.2f})  " if "inloop_speedup" in row else "")
+                      + f"err {row['rel_err']:.1e}  "
                       f"{row['config']}", flush=True)
     result["gemm"] = gemm
     quant = []
     for k in ([4096, 11008] if args.quick else [4096, 11008, 14336]):
-        for m in ([2048] if args.quick else [2048, 16384]):
+        for m in ([16384] if args.quick else [2048, 16384]):
             for online in (False, True):
                 row = bench_quantizer(m, k, online, bandwidth)
                 quant.append(row)

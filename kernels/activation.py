@@ -33,40 +33,48 @@ def _quantize_activation_kernel(
     x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, had_ptr,
     M, K, KP, stride_xm, stride_cm, clip, had_norm,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, SEGMENT: tl.constexpr,
 ):
+    """BLOCK_M rows, each held as BLOCK_K // SEGMENT segments of SEGMENT columns (one segment per row without
+    a Hadamard; the Hadamard's block size with one). The tile is loaded in its [segments, SEGMENT] shape, so
+    the Hadamard is a plain dot on it: reshaping a row tile into that shape instead made the tensor-core dot
+    sum wrongly on the H100 (Triton 3.6; experiments/check_hadamard_dot.py)."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
+    PER_ROW: tl.constexpr = BLOCK_K // SEGMENT
+    segment = tl.arange(0, BLOCK_M * PER_ROW)
+    rows = tl.program_id(0) * BLOCK_M + segment // PER_ROW
+    cols = (segment % PER_ROW)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
     row_ok = rows < M
     col_ok = cols < K
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols, mask=row_ok[:, None] & col_ok, other=0.0)
     if HAD > 0:
         h = tl.load(had_ptr + tl.arange(0, HAD)[:, None] * HAD + tl.arange(0, HAD)[None, :])
-        blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // HAD, HAD))
-        # On the H100 (Triton 3.6) the tensor-core dot of this reshaped tile sums wrongly, with bf16 or tf32
-        # operands (token scales off by up to 24%; experiments/check_hadamard_dot.py); only "ieee" (FMA) is
-        # right, and it is the default until the tile is loaded in its dot shape instead of reshaped.
-        blocks, h = blocks.to(tl.float32), h.to(tl.float32)
-        rotated = tl.dot(blocks, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if DOT_PRECISION == "ieee":
+            x, h = x.to(tl.float32), h.to(tl.float32)
+        rotated = tl.dot(x, h, out_dtype=tl.float32) if DOT_PRECISION == "native" else \
+            tl.dot(x, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         # the reference transform computes in fp32 and returns the input's dtype
-        x = as_dtype(tl.reshape(rotated, (BLOCK_M, BLOCK_K)) * had_norm, DTYPE)
+        x = as_dtype(rotated * had_norm, DTYPE)
     else:
         x = x.to(tl.float32)
     if HAS_BIAS:
-        x = as_dtype(x - tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], DTYPE)
+        x = as_dtype(x - tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32), DTYPE)
     if HAS_SCALE:
-        x = as_dtype(x * tl.load(mult_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :], DTYPE)
-    xmax = tl.max(tl.where(col_ok[None, :], x, float("-inf")), axis=1)
-    xmin = tl.min(tl.where(col_ok[None, :], x, float("inf")), axis=1)
+        x = as_dtype(x * tl.load(mult_ptr + cols, mask=col_ok, other=0.0).to(tl.float32), DTYPE)
+    seg_max = tl.max(tl.where(col_ok, x, float("-inf")), axis=1)
+    seg_min = tl.min(tl.where(col_ok, x, float("inf")), axis=1)
+    xmax = tl.max(tl.reshape(seg_max, (BLOCK_M, PER_ROW)), axis=1)
+    xmin = tl.min(tl.reshape(seg_min, (BLOCK_M, PER_ROW)), axis=1)
     scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
-    codes = asymmetric_code(x, scale[:, None], zero[:, None], 15, DTYPE) - 8.0
-    codes = tl.where(col_ok[None, :], codes, 0.0)
-    tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], codes.to(tl.int8),
-             mask=row_ok[:, None] & (cols < KP)[None, :])
-    tl.store(scale_ptr + rows, scale, mask=row_ok)
-    tl.store(offset_ptr + rows, scale * (8.0 - zero), mask=row_ok)
+    seg_scale = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
+    seg_zero = tl.reshape(tl.broadcast_to(zero[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
+    codes = asymmetric_code(x, seg_scale[:, None], seg_zero[:, None], 15, DTYPE) - 8.0
+    codes = tl.where(col_ok, codes, 0.0)
+    tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + cols, codes.to(tl.int8),
+             mask=row_ok[:, None] & (cols < KP))
+    token = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(scale_ptr + token, scale, mask=token < M)
+    tl.store(offset_ptr + token, scale * (8.0 - zero), mask=token < M)
 
 
 def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
@@ -76,8 +84,8 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
 
     hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
     on its device; outer may be None; inner at most 128), or None. The transform is x @ kron(outer, inner) / sqrt(n).
-    hadamard_precision: the in-kernel dot's input precision, "ieee" (default; FMA) or "tf32" (tensor cores;
-    exact in principle for bf16 inputs, but it sums wrongly on the H100: see the kernel).
+    hadamard_precision: the in-kernel dot: "native" (tensor cores on the input dtype; the default for
+    bf16/fp16), "tf32", or "ieee" (FMA in fp32; the default for fp32 inputs).
     Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
     """
     check_device(x)
@@ -100,7 +108,8 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     tok_offset = torch.empty(m, dtype=torch.float32, device=x.device)
     # the clip the reference multiplies by is a tensor of the model's dtype
     clip = float(torch.tensor(float(clip)).to(x.dtype))
-    precision = hadamard_precision or "ieee"
+    # bf16/fp16 values and +-1 are exact as tensor-core operands; fp32 ones are not exact in tf32
+    precision = hadamard_precision or ("ieee" if x.dtype == torch.float32 else "native")
     block_k = triton.next_power_of_2(kp)
     block_m, warps = _launch_config(block_k)
     _quantize_activation_kernel[(triton.cdiv(m, block_m),)](
@@ -108,7 +117,7 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         bias if bias is not None else x, scale if scale is not None else x, inner,
         m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAD=had_size, DOT_PRECISION=precision,
-        BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps)
+        BLOCK_K=block_k, BLOCK_M=block_m, SEGMENT=had_size or block_k, num_warps=warps)
     return codes, tok_scale, tok_offset
 
 

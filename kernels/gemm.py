@@ -144,16 +144,46 @@ _w4a4_decode = triton.autotune(configs=_decode_configs(), key=["M_BUCKET", "N", 
 
 # At most this many tokens go through the split-K decode kernel.
 DECODE_MAX_M = 64
+# From this many tokens on, the packed weight is first unpacked to int8 codes by a separate pass (N * K / 2
+# bytes read, N * K written: ~2% of the GEMM at M = 8192) and the GEMM reads those: on the H100 the in-loop
+# unpack is not overlapped with the MMAs and costs a third of the speed (docs/kernels.md).
+UNPACK_MIN_M = 512
+
+
+@triton.jit
+def _unpack_int4_kernel(packed_ptr, out_ptr, N, ROW_BYTES, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    HALF: tl.constexpr = 64
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (rows < N)[:, None] & (byte < ROW_BYTES)[None, :]
+    b = tl.load(packed_ptr + rows[:, None].to(tl.int64) * ROW_BYTES + byte[None, :], mask=mask, other=0)
+    low_k = (byte // HALF) * (2 * HALF) + byte % HALF
+    out = out_ptr + rows[:, None].to(tl.int64) * (2 * ROW_BYTES) + low_k[None, :]
+    tl.store(out, (b << 4) >> 4, mask=mask)
+    tl.store(out + HALF, b >> 4, mask=mask)
+
+
+def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed weight [N, Kp/2] as int8 codes [N, Kp] (padding included), in one kernel pass."""
+    check_device(packed)
+    n, row_bytes = packed.shape
+    out = torch.empty(n, 2 * row_bytes, dtype=torch.int8, device=packed.device)
+    block_r, block_b = 32, 256
+    _unpack_int4_kernel[(triton.cdiv(n, block_r), triton.cdiv(row_bytes, block_b))](
+        packed, out, n, row_bytes, BLOCK_R=block_r, BLOCK_B=block_b)
+    return out
 
 
 def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tensor, packed_weight: torch.Tensor,
                 w_scale: torch.Tensor, w_sum: torch.Tensor, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, unpack_first: bool | None = None) -> torch.Tensor:
     """y [M, N] = dequant(codes) @ dequant(W)^T + bias, computed exactly in int32 then scaled in fp32.
 
     codes int8 [M, Kp], x_scale/x_offset fp32 [M] (from quantize_activations); packed_weight int8 [N, Kp/2]
     (pack_int4), or the unpacked int8 codes [N, Kp] (twice the bytes; the benchmark's comparison layout);
-    w_scale fp32 [N]; w_sum fp32 [N] (row sums of the int4 codes); bias fp32 [N] or None."""
+    w_scale fp32 [N]; w_sum fp32 [N] (row sums of the int4 codes); bias fp32 [N] or None.
+    unpack_first: unpack a packed weight to int8 in a separate pass before the GEMM; by default from
+    UNPACK_MIN_M tokens on."""
     check_device(codes, packed_weight)
     m, kp = codes.shape
     n = packed_weight.shape[0]
@@ -164,6 +194,8 @@ def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tens
     if codes.stride(1) != 1 or packed_weight.stride(1) != 1:
         raise ValueError("w4a4_matmul needs row-major codes and packed weight")
     small = m <= DECODE_MAX_M
+    if packed and (m >= UNPACK_MIN_M if unpack_first is None else unpack_first):
+        packed_weight, packed = unpack_int4_codes(packed_weight), False
     kernel = _w4a4_decode if small else _w4a4_prefill
     out = torch.zeros(m, n, dtype=torch.float32, device=codes.device) if small else \
         torch.empty(m, n, dtype=out_dtype, device=codes.device)
@@ -175,4 +207,4 @@ def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tens
     return out.to(out_dtype) if small else out
 
 
-__all__ = ["pack_int4", "unpack_int4", "w4a4_matmul", "DECODE_MAX_M"]
+__all__ = ["pack_int4", "unpack_int4", "unpack_int4_codes", "w4a4_matmul", "DECODE_MAX_M", "UNPACK_MIN_M"]

@@ -15,6 +15,7 @@ from baseq.hadamard import hadamard_transform, kronecker_factors  # noqa: E402
 from baseq.quant import asymmetric_codes, fake_quantize_asymmetric  # noqa: E402
 from baseq_kernels import (PACK_GROUP, dequantize_kv, pack_int4, quantize_activations, quantize_kv,  # noqa: E402
                            unpack_int4, w4a4_matmul)
+from baseq_kernels.gemm import unpack_int4_codes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -39,6 +40,7 @@ def test_pack_int4_roundtrip_and_padding(gen):
     assert packed.shape == (7, 128) and packed.dtype == torch.int8
     assert torch.equal(unpack_int4(packed, 200), codes), f"seed {gen.initial_seed()}"
     assert torch.equal(unpack_int4(packed, 256)[:, 200:], torch.zeros(7, 56, dtype=torch.int8))
+    assert torch.equal(unpack_int4_codes(packed.to(DEVICE)).cpu(), padded(codes))
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         pack_int4(torch.tensor([[8]]))
 
@@ -50,10 +52,11 @@ def test_w4a4_gemm_is_exact_integer_arithmetic(gen, m, n, k):
     x = torch.randint(-8, 8, (m, k), generator=gen, dtype=torch.int8)
     w = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     expected = (x.long() @ w.long().T).float()
-    for weight in (pack_int4(w), padded(w)):   # packed int4, and the unpacked int8 comparison layout
+    # packed int4 unpacked in the GEMM loop, unpacked by a pass before it, and int8 codes given directly
+    for weight, unpack_first in ((pack_int4(w), False), (pack_int4(w), True), (padded(w), None)):
         out = w4a4_matmul(padded(x).to(DEVICE), torch.ones(m, device=DEVICE), torch.zeros(m, device=DEVICE),
                           weight.to(DEVICE), torch.ones(n, device=DEVICE), w.float().sum(1).to(DEVICE),
-                          out_dtype=torch.float32)
+                          out_dtype=torch.float32, unpack_first=unpack_first)
         assert torch.equal(out.cpu(), expected), f"seed {gen.initial_seed()}"
 
 
