@@ -8,15 +8,15 @@ Data layout shared by the kernels (the contract `baseq.runtime` builds on):
   so that the dequantized value (code + 8 - zero) * scale equals scale * stored + offset.
 * weights: per-output-channel symmetric int4 codes (-8..7), packed two per byte in groups of PACK_GROUP
   along K: byte j of a group holds k = j in its low nibble and k = j + PACK_GROUP/2 in its high nibble, so
-  the GEMM unpacks a tile into two K-halves with two shifts and no shuffle.
+  a tile unpacks into two K-halves with two shifts and no shuffle.
 * KV cache: per token and head, asymmetric 4-bit codes of (x - bias), packed two per byte along head_dim
   (even index low nibble), with fp32 scale and zero point.
 """
 
 from .activation import quantize_activations
 from .common import PACK_GROUP, interpreting
-from .gemm import pack_int4, unpack_int4, w4a4_matmul
+from .gemm import pack_int4, unpack_int4_codes, unpack_int4_reference, w4a4_matmul
 from .kv_cache import dequantize_kv, quantize_kv
 
-__all__ = ["PACK_GROUP", "interpreting", "quantize_activations", "pack_int4", "unpack_int4", "w4a4_matmul",
-           "quantize_kv", "dequantize_kv"]
+__all__ = ["PACK_GROUP", "interpreting", "quantize_activations", "pack_int4", "unpack_int4_codes",
+           "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv"]

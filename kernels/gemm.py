@@ -3,9 +3,13 @@ per-channel symmetric int4.
 
 Hopper has no int4 MMA, so both operands run as int8 (exact: |products| <= 64, sums < 2^31). The kernel
 computes the transposed tile, acc[n, m] = sum_k W[n, k] x[m, k]: the weight is the MMA's A operand, which
-may live in registers, so the 4-bit weight is unpacked there (two shifts) and never goes back to shared
-memory; the activation codes (int8, K-contiguous) are the B operand, read from shared memory. This also
-puts the token count on the MMA's N dimension, which can be as small as 8: what decode needs.
+may live in registers, and the activation codes (int8, K-contiguous) are the B operand, read from shared
+memory. This puts the token count on the MMA's N dimension, which can be as small as 8: what decode needs.
+
+Two ways to read the packed weight. Decode (few tokens, memory-bound): unpacked in registers inside the K
+loop (two shifts), so only int4 bytes are read. Prefill (from UNPACK_MIN_M tokens, compute-bound): one
+pass unpacks the whole weight to int8 first, because Triton does not overlap the in-loop unpack with the
+MMAs (measured: 0.8-1.0x bf16 in-loop, 1.4-1.6x unpack-first at M=8192; docs/kernels.md).
 
 Epilogue (fp32): y[m, n] = w_scale[n] * (x_scale[m] * acc + x_offset[m] * w_sum[n]) + bias[n], where
 w_sum[n] = sum_k W[n, k] accounts for the activation zero point (codes are stored minus 8; see the package
@@ -38,8 +42,8 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8).view(torch.int8).reshape(n, kp // 2)
 
 
-def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of pack_int4: int8 codes [N, k]."""
+def unpack_int4_reference(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of pack_int4 in torch (the tests' reference): int8 codes [N, k]."""
     n = packed.shape[0]
     groups = packed.view(n, -1, _HALF).to(torch.int16)
     low = ((groups & 0xF) ^ 8) - 8
@@ -207,4 +211,4 @@ def w4a4_matmul(codes: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tens
     return out.to(out_dtype) if small else out
 
 
-__all__ = ["pack_int4", "unpack_int4", "unpack_int4_codes", "w4a4_matmul", "DECODE_MAX_M", "UNPACK_MIN_M"]
+__all__ = ["pack_int4", "unpack_int4_reference", "unpack_int4_codes", "w4a4_matmul", "DECODE_MAX_M", "UNPACK_MIN_M"]
