@@ -14,7 +14,8 @@ from baseq.errors import UserError  # noqa: E402
 from baseq.methods import METHODS  # noqa: E402
 from baseq.methods.base import MethodContext  # noqa: E402
 from baseq.models.families import family_of  # noqa: E402
-from baseq.runtime import KV4AttentionQuantizer, W4A4Linear, convert_to_w4a4, packed_weight_bytes  # noqa: E402
+from baseq.runtime import (KV4AttentionQuantizer, PackedInputQuantizer, W4A4Linear, convert_to_w4a4,  # noqa: E402
+                           packed_weight_bytes)
 from conftest import tiny_llama, tiny_qwen2  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +46,7 @@ def small_qwen2(**kw):   # FFN 320 = 20 * 16: an outer Hadamard factor of 20 (Pa
 
 @pytest.mark.parametrize("method,make,overrides", [
     ("quarot", small_llama, {"rotate": True}),
-    ("baseq", small_llama, {"stage1_epochs": 1, "stage2_epochs": 1, "train_batch_size": 1}),
+    ("baseq", small_llama, {"stage1_epochs": 1, "stage2_epochs": 1, "train_batch_size": 1, "kv_bias": True}),
     ("quarot", small_qwen2, {"rotate": True}),
 ])
 def test_runtime_model_computes_the_fake_quant_model(method, make, overrides):
@@ -55,7 +56,12 @@ def test_runtime_model_computes_the_fake_quant_model(method, make, overrides):
         expected = model(ids.to(DEVICE)).logits.cpu()
         convert_to_w4a4(model, family_of(model))
         assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 7 * len(model.model.layers)
-        assert sum(isinstance(m, KV4AttentionQuantizer) for m in model.modules()) == len(model.model.layers)
+        attention = [m for m in model.modules() if isinstance(m, KV4AttentionQuantizer)]
+        assert len(attention) == len(model.model.layers)
+        if method == "baseq":   # the BASE-Q terms reach the runtime: online bias and scale, K/V bias
+            inputs = [m for m in model.modules() if isinstance(m, PackedInputQuantizer)]
+            assert all(q.bias is not None and q.scale is not None for q in inputs)
+            assert all(a.k_bias is not None and a.v_bias is not None for a in attention)
         got = model(ids.to(DEVICE)).logits.cpu()
     # identical up to fp32 summation order, which can move an activation code by one at a rounding boundary
     assert relative_error(got, expected) < 2e-3
