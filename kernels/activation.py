@@ -83,7 +83,9 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     """Per-token asymmetric 4-bit quantization of x [M, K] after an optional Hadamard, bias and scale.
 
     hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
-    on its device; outer may be None; inner at most 128), or None. The transform is x @ kron(outer, inner) / sqrt(n).
+    on its device; outer may be None; inner at most 128), or None. Each contiguous block of n columns is
+    transformed, x_block @ kron(outer, inner) / sqrt(n): n = K is the full transform (down_proj's R4),
+    n = head_dim a head-wise one.
     hadamard_precision: the in-kernel dot: "native" (tensor cores on the input dtype; the default for
     bf16/fp16), "tf32", or "ieee" (FMA in fp32; the default for fp32 inputs).
     Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
@@ -96,11 +98,12 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     had_size, had_norm, inner = 0, 1.0, x  # x is a placeholder pointer when there is no Hadamard
     if hadamard is not None:
         outer, inner, n = hadamard
-        if n != k:
-            raise ValueError(f"Hadamard of size {n} for rows of {k}")
+        if k % n or (outer.shape[0] if outer is not None else 1) * inner.shape[0] != n:
+            raise ValueError(f"Hadamard factors {None if outer is None else outer.shape[0]} x {inner.shape[0]} do "
+                             f"not make blocks of {n} that tile rows of {k}")
         if outer is not None:
-            # y[t, p, q] = sum_i outer[i, p] x[t, i, q]: one batched matmul over the outer index
-            x = torch.matmul(outer.T, x.view(m, outer.shape[0], -1)).view(m, k)
+            # y[t, p, q] = sum_i outer[i, p] x[t, i, q] over every block t: one batched matmul
+            x = torch.matmul(outer.T, x.view(m * (k // n), outer.shape[0], -1)).view(m, k)
         had_size, had_norm = inner.shape[0], 1.0 / math.sqrt(n)
     kp = -(-k // PACK_GROUP) * PACK_GROUP
     codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)

@@ -83,8 +83,12 @@ def test_w4a4_gemm_rejects_mismatched_operands():
         w4a4_matmul(codes, ones[:4], ones[:4], packed, ones, ones)
 
 
-@pytest.mark.parametrize("k,online_hadamard", [(200, False), (576, False), (1536, True), (4096, True)])
-def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hadamard):
+@pytest.mark.parametrize("k,online_hadamard,block", [
+    (200, False, None), (576, False, None),
+    (1536, True, 1536), (4096, True, 4096),   # full transforms: outer 12 / 32 before the kernel, inner 128 in it
+    (576, True, 64), (768, True, 192),        # head-wise: 9 heads of 64 (inner only), 4 heads of 192 = 12 x 16
+])
+def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hadamard, block):
     m = 9
     x = torch.randn(m, k, generator=gen) * 3 + torch.randn(k, generator=gen)
     bias = torch.randn(k, generator=gen) * 0.5
@@ -92,9 +96,9 @@ def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hada
     hadamard = None
     reference_in = x
     if online_hadamard:
-        outer, inner = kronecker_factors(k)
-        hadamard = (None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), k)
-        reference_in = hadamard_transform(x)
+        outer, inner = kronecker_factors(block)
+        hadamard = (None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), block)
+        reference_in = hadamard_transform(x, n=block)
     ref_codes, ref_scale, ref_zero = asymmetric_codes((reference_in - bias) * scale, 4, 0.9)
     codes, tok_scale, tok_offset = quantize_activations(x.to(DEVICE), 0.9, bias.to(DEVICE), scale.to(DEVICE), hadamard)
     codes, tok_scale, tok_offset = codes.cpu(), tok_scale.cpu(), tok_offset.cpu()
@@ -143,3 +147,9 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
         fake_quantize_asymmetric(x - bias[:, None], 4, clip) + bias[:, None]
     # equal but where torch's host division by 15 rounds a scale differently in its last bit
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+
+
+def test_activation_quantizer_rejects_a_hadamard_that_does_not_tile_the_row():
+    _, inner = kronecker_factors(64)
+    with pytest.raises(ValueError, match="tile rows of 200"):
+        quantize_activations(torch.randn(3, 200, device=DEVICE), hadamard=(None, inner.float().to(DEVICE), 64))
