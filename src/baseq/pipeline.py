@@ -78,11 +78,9 @@ def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg:
 def evaluate_with_kernels(model, family, windows, device, batch_size, timer, prefix, fake_ppl) -> dict:
     """Convert the fake-quant model to the W4A4 runtime (in place) and measure its perplexity on the same
     windows: the check that the kernels compute what was evaluated."""
-    from baseq_kernels import interpreting
+    from .runtime import convert_to_w4a4, load_kernels
 
-    from .runtime import convert_to_w4a4
-
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not load_kernels().interpreting():
         raise UserError("eval.kernels=true runs the Triton kernels, which need device=cuda "
                         "(or TRITON_INTERPRET=1 for a slow CPU check)")
     with timer.stage(f"{prefix}eval_ppl_kernels"):

@@ -21,7 +21,8 @@ from .modules import AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer
 
 
-def _kernels():
+def load_kernels():
+    """The baseq_kernels module, or a one-line UserError when Triton is missing."""
     try:
         import baseq_kernels
     except ImportError as err:  # triton missing
@@ -65,7 +66,7 @@ class PackedInputQuantizer(nn.Module):
         hadamard = None
         if self.hadamard_inner is not None:
             hadamard = (self.hadamard_outer, self.hadamard_inner, self.dim)
-        result = _kernels().quantize_activations(x.reshape(-1, self.dim), self.clip, self.bias, self.scale, hadamard)
+        result = load_kernels().quantize_activations(x.reshape(-1, self.dim), self.clip, self.bias, self.scale, hadamard)
         self._last = (x, result, self.consumers - 1) if self.consumers > 1 else None
         return result
 
@@ -84,7 +85,7 @@ class W4A4Linear(nn.Module):
                             f"{linear.weight_bits}; quantize the model with w_bits=4 first")
         if linear.weight_quantizer is not None:
             raise UserError("the layer still carries a training-time weight quantizer; convert after quantization")
-        kernels = _kernels()
+        kernels = load_kernels()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.input_quantizer = input_quantizer
         weight = linear.weight.detach().double()
@@ -110,7 +111,7 @@ class W4A4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, x_scale, x_offset = self.input_quantizer(x)
-        y = _kernels().w4a4_matmul(codes, x_scale, x_offset, self.packed_weight, self.weight_scale,
+        y = load_kernels().w4a4_matmul(codes, x_scale, x_offset, self.packed_weight, self.weight_scale,
                                    self.weight_code_sum, self.bias, out_dtype=x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -138,7 +139,7 @@ class KV4AttentionQuantizer(nn.Module):
         return None if quantizer.bias is None else quantizer.bias.detach().to(device, dtype).contiguous()
 
     def cache_roundtrip(self, x: torch.Tensor, clip: float, bias) -> torch.Tensor:
-        kernels = _kernels()
+        kernels = load_kernels()
         packed, scale, zero = kernels.quantize_kv(x, clip, bias)
         return kernels.dequantize_kv(packed, scale, zero, x.dtype, bias)
 
@@ -193,4 +194,4 @@ def packed_weight_bytes(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, W4A4Linear))
 
 
-__all__ = ["convert_to_w4a4", "W4A4Linear", "PackedInputQuantizer", "KV4AttentionQuantizer", "packed_weight_bytes"]
+__all__ = ["convert_to_w4a4", "load_kernels", "W4A4Linear", "PackedInputQuantizer", "KV4AttentionQuantizer", "packed_weight_bytes"]
