@@ -114,7 +114,8 @@ def _register_clip(module: nn.Module, clip_ratio: float, learn: bool) -> None:
         module.register_buffer("clip_ratio", clip)
 
 
-def _clip_value(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def effective_clip(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The clip ratio a quantizer applies, in `dtype` (the runtime kernels use the same value)."""
     # a learned clip stays in a sane range: below 0.3 the grid would clip most of a token away
     clip = module.clip_ratio.clamp(0.3, 1.0) if isinstance(module.clip_ratio, nn.Parameter) else module.clip_ratio
     return clip.to(dtype)
@@ -156,7 +157,7 @@ class ActivationQuantizer(nn.Module):
         x = self.shift_and_scale(x)
         if not self.enabled:
             return x
-        return fake_quantize_asymmetric(x, self.bits, _clip_value(self, x.dtype))
+        return fake_quantize_asymmetric(x, self.bits, effective_clip(self, x.dtype))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bits={self.bits}, clip={float(self.clip_ratio):.3f}, " \
@@ -181,7 +182,7 @@ class KVQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:
             return x
-        clip = _clip_value(self, x.dtype)
+        clip = effective_clip(self, x.dtype)
         if self.bias is None:
             return fake_quantize_asymmetric(x, self.bits, clip)
         bias = self.bias.to(x.dtype)[:, None, :]

@@ -18,7 +18,7 @@ from .errors import UserError
 from .hadamard import hadamard_matrix, hadamard_transform, kronecker_factors
 from .models.families import ModelFamily
 from .modules import AttentionQuantizer, QuantLinear
-from .quant import ActivationQuantizer, KVQuantizer
+from .quant import ActivationQuantizer, KVQuantizer, effective_clip
 
 
 def load_kernels():
@@ -28,11 +28,6 @@ def load_kernels():
     except ImportError as err:  # triton missing
         raise UserError(f"the W4A4 runtime needs Triton ({err}); install it with pip install -e '.[kernels]'") from err
     return baseq_kernels
-
-
-def _clip(quantizer: nn.Module) -> float:
-    clip = quantizer.clip_ratio
-    return float(clip.clamp(0.3, 1.0) if isinstance(clip, nn.Parameter) else clip)
 
 
 class PackedInputQuantizer(nn.Module):
@@ -47,7 +42,7 @@ class PackedInputQuantizer(nn.Module):
         if fake.bits != 4:
             raise UserError(f"the W4A4 runtime needs 4-bit activations, this layer has {fake.bits}; "
                             f"use quant=w4a4kv4 (or another a_bits=4 preset)")
-        self.dim, self.clip, self.consumers = fake.dim, _clip(fake), consumers
+        self.dim, self.clip, self.consumers = fake.dim, float(effective_clip(fake, dtype)), consumers
         self.register_buffer("bias", None if fake.bias is None else fake.bias.detach().to(device, dtype))
         self.register_buffer("scale", None if fake.scale is None else fake.scale.detach().to(device, dtype))
         self.register_buffer("hadamard_outer", None)
@@ -129,7 +124,8 @@ class KV4AttentionQuantizer(nn.Module):
         self.kv_bits = fake.k_quantizer.bits
         if self.kv_bits not in (4, 16):
             raise UserError(f"the runtime's KV cache is 4-bit (or unquantized), got kv_bits={self.kv_bits}")
-        self.k_clip, self.v_clip = _clip(fake.k_quantizer), _clip(fake.v_quantizer)
+        self.k_clip = float(effective_clip(fake.k_quantizer, dtype))
+        self.v_clip = float(effective_clip(fake.v_quantizer, dtype))
         self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype, device))
         self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype, device))
         self._head_hadamard: torch.Tensor | None = None
