@@ -30,7 +30,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from baseq.hadamard import kronecker_factors
-from baseq_kernels import pack_int4, quantize_activations, quantize_kv, w4a4_matmul
+from baseq_kernels import OnlineHadamard, activation, pack_int4, quantize_activations, quantize_kv, w4a4_matmul
 from baseq_kernels.gemm import _w4a4_decode, _w4a4_prefill
 
 SHAPES = {  # name: (N, K) of y = x W^T
@@ -117,22 +117,57 @@ def bench_weight_layouts(m: int, n: int, k: int) -> dict:
             "int8_config": f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"}
 
 
-def bench_quantizer(m: int, k: int, online: bool, bandwidth: float) -> dict:
+def bench_quantizer(m: int, k: int, online: bool, bandwidth: float, fuse_outer: bool = True) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = scale = hadamard = None
     if online:
         bias = torch.randn(k, device="cuda", dtype=torch.bfloat16) * 0.1
         scale = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
         outer, inner = kronecker_factors(k)
-        hadamard = (None if outer is None else outer.to("cuda", torch.bfloat16), inner.to("cuda", torch.bfloat16), k)
+        hadamard = OnlineHadamard(None if outer is None else outer.to("cuda", torch.bfloat16),
+                                  inner.to("cuda", torch.bfloat16), k, k, fuse_outer=fuse_outer)
     t = median_ms(lambda: quantize_activations(x, 1.0, bias, scale, hadamard))
     floor_bytes = m * k * 2 + m * math.ceil(k / 128) * 128 + 8 * m
     floor_ms = floor_bytes / bandwidth * 1e3
     row = {"m": m, "k": k, "online": online, "ms": t, "floor_ms": floor_ms, "vs_floor": t / floor_ms}
-    if hadamard is not None and hadamard[0] is not None:
-        row["outer_factor"] = hadamard[0].shape[0]
-        row["outer_matmul_ms"] = median_ms(lambda: torch.matmul(hadamard[0].T, x.view(m, hadamard[0].shape[0], -1)))
+    if hadamard is not None and hadamard.outer is not None:
+        row["outer_factor"] = hadamard.outer.shape[0]
+        row["outer_in_kernel"] = hadamard.left_factor is not None
+        if hadamard.left_factor is None:
+            row["outer_matmul_ms"] = median_ms(
+                lambda: torch.matmul(hadamard.outer.T, x.view(m, hadamard.outer.shape[0], -1)))
     return row
+
+
+# Launch constants of the quantizer compared by --quantizer-variants (module attributes of baseq_kernels.activation).
+QUANTIZER_VARIANTS = [
+    {},  # the defaults
+    {"SINGLE_PASS_MAX_K": 2048},   # K=4096 rows in two passes too
+    {"SINGLE_PASS_MAX_K": 16384},  # K=11008 in one pass (the first kernel's layout)
+    {"CHUNK_VALUES": 1024}, {"CHUNK_VALUES": 4096},
+    {"LARGE_OUTER_WARPS": 8}, {"SMALL_OUTER_WARPS": 8}, {"SMALL_OUTER_WARPS": 16},
+    {"fuse_outer": False},         # outer factor as a matmul before the kernel (the first design)
+]
+
+
+def quantizer_variants(bandwidth: float) -> list[dict]:
+    rows = []
+    defaults = {name: getattr(activation, name) for variant in QUANTIZER_VARIANTS for name in variant
+                if name != "fuse_outer"}
+    for variant in QUANTIZER_VARIANTS:
+        for name, value in variant.items():
+            if name != "fuse_outer":
+                setattr(activation, name, value)
+        for k in (4096, 11008):
+            for online in (False, True):
+                row = {"variant": variant or "default",
+                       **bench_quantizer(16384, k, online, bandwidth, variant.get("fuse_outer", True))}
+                rows.append(row)
+                print(f"quantizer variant {str(variant or 'default'):32s} K={k:6d} online={online!s:5s} "
+                      f"{row['ms']:.4f} ms  x{row['vs_floor']:.2f} floor", flush=True)
+        for name, value in defaults.items():
+            setattr(activation, name, value)
+    return rows
 
 
 def bench_kv(b: int, h: int, s: int, d: int, bandwidth: float) -> dict:
@@ -147,6 +182,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one model's shapes, M in {16, 2048}")
     parser.add_argument("--ms", type=int, nargs="+", help="GEMM token counts (default 1 16 2048 8192 16384)")
     parser.add_argument("--skip-layouts", action="store_true")
+    parser.add_argument("--quantizer-variants", action="store_true",
+                        help="also time the quantizer's launch variants (QUANTIZER_VARIANTS) at M=16384")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--layouts-only", action="store_true",
                         help="only the packed-vs-int8 weight comparison (Llama-2-7B shapes, M=8192)")
@@ -193,9 +230,12 @@ def main() -> None:
                 quant.append(row)
                 print(f"quantizer M={m:6d} K={k:6d} online={online!s:5s} {row['ms']:.4f} ms  floor "
                       f"{row['floor_ms']:.4f} ms  x{row['vs_floor']:.2f}"
+                      + (f"  (outer {row['outer_factor']} in the kernel)" if row.get("outer_in_kernel") else "")
                       + (f"  (outer {row['outer_factor']} matmul alone {row['outer_matmul_ms']:.4f} ms)"
-                         if "outer_factor" in row else ""), flush=True)
+                         if "outer_matmul_ms" in row else ""), flush=True)
     result["quantizer"] = quant
+    if args.quantizer_variants:
+        result["quantizer_variants"] = quantizer_variants(bandwidth)
     result["kv"] = [bench_kv(8, 32, 2048, 128, bandwidth)]
     print(f"kv4 quantize {result['kv'][0]['shape']} {result['kv'][0]['ms']:.4f} ms  x{result['kv'][0]['vs_floor']:.2f} "
           f"of floor", flush=True)

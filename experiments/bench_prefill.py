@@ -9,7 +9,9 @@ Three models, timed on the same token batches (forward pass, no KV cache kept, l
   w4a4-no-online   the same runtime model with the online Hadamards, bias and scale switched off.
 The weights are random, so the down_proj's R4 is not folded into them (folding a random matrix changes
 nothing measurable); the online transform runs as it would in a real model.
-Prints a table of median times and speedups and writes DIR/bench_prefill.json.
+Prints a table of median times and speedups and writes DIR/bench_prefill.json. With --profile, one forward
+pass of each model at the --profile batch is also run under torch.profiler and its CUDA time is split by
+kernel kind (GEMMs, attention, quantizers, the rest), which shows where a speedup is lost.
 """
 
 from __future__ import annotations
@@ -31,6 +33,51 @@ from baseq.runtime import KV4AttentionQuantizer, PackedInputQuantizer, convert_t
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+# Kernel kinds for the --profile breakdown: (kind, substrings of CUDA kernel names); the first match wins.
+KERNEL_KINDS = [
+    ("w4a4 gemm", ("_w4a4_kernel",)),
+    ("int4 weight unpack", ("_unpack_int4",)),
+    ("activation quantizer", ("_quantize_activation",)),
+    ("kv4 quantize/dequantize", ("_quantize_kv", "_dequantize_kv")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("cublas gemm (bf16 linears, R3, lm_head)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key.lower() in lowered for key in keys)),
+                "other (norms, rope, activations, copies)")
+
+
+def profile_breakdown(model, ids: torch.Tensor) -> dict:
+    """CUDA time of one forward pass by kernel kind, and the ten kernels with the most time."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)   # warm-up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    top = sorted(kernels, key=lambda k: -k[1])[:10]
+    return {"total_ms": sum(kinds.values()), "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in top]}
+
+
+def print_breakdown(label: str, breakdown: dict) -> None:
+    total = breakdown["total_ms"]
+    print(f"\n{label}: {total:.1f} ms of CUDA kernels in one forward pass")
+    for kind, ms in breakdown["by_kind_ms"].items():
+        print(f"  {kind:42s} {ms:9.2f} ms  {ms / total:6.1%}")
+    for k in breakdown["top_kernels"]:
+        print(f"    {k['ms']:9.2f} ms  {k['calls']:5d} calls  {k['name']}")
 
 
 def time_prefill(model, ids: torch.Tensor, reps: int) -> float:
@@ -84,6 +131,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", type=int, metavar="BATCH",
+                        help="also profile one forward pass of each model at this batch size")
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(0)
@@ -98,6 +147,10 @@ def main() -> None:
         rows[b]["bf16_s"] = time_prefill(model, ids, args.reps)
         print(f"bf16 batch {b:3d}: {rows[b]['bf16_s']:.4f} s", flush=True)
     bf16_peak = torch.cuda.max_memory_allocated() / 2**30
+    profiles = {}
+    profile_ids = torch.randint(0, 32000, (args.profile, args.seq), device="cuda") if args.profile else None
+    if args.profile:
+        profiles["bf16"] = profile_breakdown(model, profile_ids)
     quantize_for_runtime(model)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -105,10 +158,14 @@ def main() -> None:
         rows[b]["w4a4_s"] = time_prefill(model, ids, args.reps)
         print(f"w4a4 batch {b:3d}: {rows[b]['w4a4_s']:.4f} s", flush=True)
     w4a4_peak = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        profiles["w4a4"] = profile_breakdown(model, profile_ids)
     switch_off_online_ops(model)
     for b, ids in batches.items():
         rows[b]["w4a4_no_online_s"] = time_prefill(model, ids, args.reps)
         print(f"w4a4 without online ops batch {b:3d}: {rows[b]['w4a4_no_online_s']:.4f} s", flush=True)
+    if args.profile:
+        profiles["w4a4 without online ops"] = profile_breakdown(model, profile_ids)
     for row in rows.values():
         row["speedup"] = row["bf16_s"] / row["w4a4_s"]
         row["speedup_no_online"] = row["bf16_s"] / row["w4a4_no_online_s"]
@@ -116,7 +173,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(),
               "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "layers": args.layers,
               "seq": args.seq, "rows": list(rows.values()), "peak_gib": {"bf16": bf16_peak, "w4a4": w4a4_peak},
-              "seconds": time.time() - started}
+              "profile_batch": args.profile, "profiles": profiles, "seconds": time.time() - started}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_prefill.json").write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, Llama-2-7B shape ({args.layers} layers), seq {args.seq}, median of {args.reps}")
@@ -125,6 +182,8 @@ def main() -> None:
         print(f"{r['batch']:>6}{r['bf16_s']:>10.4f}{r['w4a4_s']:>10.4f}{r['speedup']:>9.2f}"
               f"{r['w4a4_no_online_s']:>13.4f}{r['speedup_no_online']:>9.2f}{r['online_overhead']:>11.1%}")
     print(f"peak memory: bf16 {bf16_peak:.1f} GiB, w4a4 {w4a4_peak:.1f} GiB; {result['seconds']:.0f} s")
+    for label, breakdown in profiles.items():
+        print_breakdown(f"{label}, batch {args.profile}", breakdown)
 
 
 if __name__ == "__main__":

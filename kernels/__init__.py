@@ -13,10 +13,10 @@ Data layout shared by the kernels (the contract `baseq.runtime` builds on):
   (even index low nibble), with fp32 scale and zero point.
 """
 
-from .activation import quantize_activations
+from .activation import OnlineHadamard, quantize_activations
 from .common import PACK_GROUP, interpreting
 from .gemm import pack_int4, unpack_int4_codes, unpack_int4_reference, w4a4_matmul
 from .kv_cache import dequantize_kv, quantize_kv
 
-__all__ = ["PACK_GROUP", "interpreting", "quantize_activations", "pack_int4", "unpack_int4_codes",
+__all__ = ["PACK_GROUP", "interpreting", "OnlineHadamard", "quantize_activations", "pack_int4", "unpack_int4_codes",
            "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv"]

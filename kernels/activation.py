@@ -1,13 +1,15 @@
 """Fused activation quantizer: x -> (optional Hadamard) -> x - B -> * S -> per-token asymmetric 4-bit codes.
 
-One program holds BLOCK_M whole rows in registers, so x is read once and the codes written once. The
-Hadamard's inner factor (a Sylvester block of at most 128, applied to each contiguous block of that size)
-runs inside the kernel as a tensor-core dot; a larger outer factor (e.g. the 172 of 11008 = 172 * 64) is
-one batched matmul before the kernel (see `quantize_activations`)."""
+A program holds whole rows in registers, so x is read once and the codes written once. The rows are loaded
+as [segments, SEGMENT] tiles, SEGMENT being the Hadamard's inner factor (a Sylvester block of at most 128),
+so both Hadamard factors are plain tensor-core dots on the tile: the outer factor (e.g. the 172 of
+11008 = 172 * 64) mixes the segments from the left, the inner one mixes each segment from the right.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -15,78 +17,160 @@ import triton.language as tl
 
 from .common import PACK_GROUP, as_dtype, asymmetric_code, asymmetric_grid, check_device, interpreting
 
-# Row tile (BLOCK_M * BLOCK_K values) a program holds. One config per shape instead of autotuning: larger
-# tiles gain nothing on a memory-bound pass, and with the in-kernel Hadamard dot they compile for minutes.
+# Single pass (rows held whole in registers) up to this padded row length; longer rows without an in-kernel
+# outer factor take two passes over chunks of CHUNK_VALUES: min/max first, then the codes, re-reading the
+# row (from L2) instead of holding it, which keeps registers low enough for several programs per SM.
+SINGLE_PASS_MAX_K = 4096
+CHUNK_VALUES = 2048
+# Row tile (BLOCK_M * padded K values) of a single-pass program.
 _TILE = 8192
+# Largest (padded) outer factor run inside the kernel, by activation dtype; its matrix sits in shared memory
+# (256^2 bf16 = 128 KiB) for all the rows a program handles.
+_MAX_FUSED_OUTER = {torch.float32: 64, torch.float16: 256, torch.bfloat16: 256}
+# From this padded size on, a fused outer factor is loaded once per program and each program (one per SM)
+# loops over rows; smaller ones are re-read (from L2) by one program per row.
+RESIDENT_OUTER_MIN = 128
+LARGE_OUTER_WARPS = 16
+SMALL_OUTER_WARPS = 4
 
 
-def _launch_config(block_k: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): at least one whole row; about 1K values per warp."""
-    if interpreting():
-        return max(1, 4 * _TILE // block_k), 4
-    block_m = max(1, _TILE // block_k)
-    return block_m, min(16, max(4, block_m * block_k // 1024))
+@dataclass(frozen=True)
+class OnlineHadamard:
+    """The online Hadamard x_block @ kron(outer, inner) / sqrt(n) applied to every contiguous block of n
+    columns: n = K is a full transform (down_proj's R4), n = head_dim a head-wise one.
+
+    outer, inner: +-1 matrices in the activations' dtype and device with kron(outer, inner) = H_n (outer may
+    be None; inner at most 128). Built once per layer; `left_factor` is what the kernel multiplies the
+    [segments, inner] tile by from the left, for rows of `row_length` columns (None when the outer factor
+    is too large for the kernel, or fuse_outer=False: then one batched matmul applies it first)."""
+    outer: torch.Tensor | None
+    inner: torch.Tensor
+    n: int
+    row_length: int
+    fuse_outer: bool = True
+    left_factor: torch.Tensor | None = field(init=False, repr=False)
+
+    def __post_init__(self):
+        outer_size = 1 if self.outer is None else self.outer.shape[0]
+        if self.row_length % self.n or outer_size * self.inner.shape[0] != self.n:
+            raise ValueError(f"Hadamard factors {None if self.outer is None else outer_size} x {self.inner.shape[0]} "
+                             f"do not make blocks of {self.n} that tile rows of {self.row_length}")
+        left = None
+        if self.outer is not None:
+            # y[i] = sum_j outer[j, i] x[j] for the segments of each block: kron(I_blocks, outer^T), padded
+            blocks = self.row_length // self.n
+            segments = blocks * outer_size
+            padded = triton.next_power_of_2(max(16, segments))
+            if self.fuse_outer and padded <= _MAX_FUSED_OUTER.get(self.inner.dtype, 0):
+                left = torch.zeros(padded, padded, dtype=self.inner.dtype, device=self.inner.device)
+                eye = torch.eye(blocks, dtype=self.inner.dtype, device=self.inner.device)
+                left[:segments, :segments] = torch.kron(eye, self.outer.T.contiguous())
+        object.__setattr__(self, "left_factor", left)
+
+
+@triton.jit
+def _hadamard_dot(a, b, PRECISION: tl.constexpr):
+    if PRECISION == "ieee":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+    elif PRECISION == "native":
+        return tl.dot(a, b, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _transformed(x_ptr, bias_ptr, mult_ptr, inner, left, offsets, cols, mask, had_norm,
+                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, INNER: tl.constexpr, LEFT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """A [segments, SEGMENT] tile of x after the Hadamard, bias and scale, as fp32 values rounded to x's
+    dtype after each op, as the fake quantizer computes them."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if LEFT > 0:
+        # rounded to the input dtype in between, as the reference's two-factor transform does
+        x = _hadamard_dot(left, x, DOT_PRECISION).to(DTYPE)
+    if INNER > 0:
+        # the reference transform computes in fp32 and returns the input's dtype
+        x = as_dtype(_hadamard_dot(x, inner, DOT_PRECISION) * had_norm, DTYPE)
+    else:
+        x = x.to(tl.float32)
+    if HAS_BIAS:
+        x = as_dtype(x - tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    if HAS_SCALE:
+        x = as_dtype(x * tl.load(mult_ptr + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    return x
 
 
 @triton.jit
 def _quantize_activation_kernel(
-    x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, had_ptr,
+    x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, inner_ptr, left_ptr,
     M, K, KP, stride_xm, stride_cm, clip, had_norm,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, SEGMENT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, INNER: tl.constexpr, LEFT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, PER_ROW: tl.constexpr, SEGMENT: tl.constexpr,
+    TWO_PASS: tl.constexpr,
 ):
-    """BLOCK_M rows, each held as BLOCK_K // SEGMENT segments of SEGMENT columns (one segment per row without
-    a Hadamard; the Hadamard's block size with one). The tile is loaded in its [segments, SEGMENT] shape, so
-    the Hadamard is a plain dot on it: reshaping a row tile into that shape instead made the tensor-core dot
-    sum wrongly on the H100 (Triton 3.6; experiments/check_hadamard_dot.py)."""
+    """Single pass: groups of BLOCK_M rows, each held whole as PER_ROW segments of SEGMENT columns; a program
+    walks groups pid, pid + programs, ..., so a factor loaded once serves many rows (with LEFT, the padded
+    outer factor's size = PER_ROW, one row per group). Two passes (TWO_PASS): one row per group, read in
+    chunks of PER_ROW segments twice. Tiles are loaded in their [segments, SEGMENT] shape: reshaping a row
+    tile into that shape instead made the tensor-core dot sum wrongly on the H100 (Triton 3.6;
+    experiments/check_hadamard_dot.py)."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-    PER_ROW: tl.constexpr = BLOCK_K // SEGMENT
     segment = tl.arange(0, BLOCK_M * PER_ROW)
-    rows = tl.program_id(0) * BLOCK_M + segment // PER_ROW
     cols = (segment % PER_ROW)[:, None] * SEGMENT + tl.arange(0, SEGMENT)[None, :]
-    row_ok = rows < M
-    col_ok = cols < K
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols, mask=row_ok[:, None] & col_ok, other=0.0)
-    if HAD > 0:
-        h = tl.load(had_ptr + tl.arange(0, HAD)[:, None] * HAD + tl.arange(0, HAD)[None, :])
-        if DOT_PRECISION == "ieee":
-            x, h = x.to(tl.float32), h.to(tl.float32)
-        rotated = tl.dot(x, h, out_dtype=tl.float32) if DOT_PRECISION == "native" else \
-            tl.dot(x, h, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        # the reference transform computes in fp32 and returns the input's dtype
-        x = as_dtype(rotated * had_norm, DTYPE)
-    else:
-        x = x.to(tl.float32)
-    if HAS_BIAS:
-        x = as_dtype(x - tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32), DTYPE)
-    if HAS_SCALE:
-        x = as_dtype(x * tl.load(mult_ptr + cols, mask=col_ok, other=0.0).to(tl.float32), DTYPE)
-    seg_max = tl.max(tl.where(col_ok, x, float("-inf")), axis=1)
-    seg_min = tl.min(tl.where(col_ok, x, float("inf")), axis=1)
-    xmax = tl.max(tl.reshape(seg_max, (BLOCK_M, PER_ROW)), axis=1)
-    xmin = tl.min(tl.reshape(seg_min, (BLOCK_M, PER_ROW)), axis=1)
-    scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
-    seg_scale = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
-    seg_zero = tl.reshape(tl.broadcast_to(zero[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
-    codes = asymmetric_code(x, seg_scale[:, None], seg_zero[:, None], 15, DTYPE) - 8.0
-    codes = tl.where(col_ok, codes, 0.0)
-    tl.store(codes_ptr + rows[:, None].to(tl.int64) * stride_cm + cols, codes.to(tl.int8),
-             mask=row_ok[:, None] & (cols < KP))
-    token = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tl.store(scale_ptr + token, scale, mask=token < M)
-    tl.store(offset_ptr + token, scale * (8.0 - zero), mask=token < M)
+    inner = None
+    left = None
+    if INNER > 0:
+        inner = tl.load(inner_ptr + tl.arange(0, INNER)[:, None] * INNER + tl.arange(0, INNER)[None, :])
+    if LEFT > 0:
+        left = tl.load(left_ptr + tl.arange(0, LEFT)[:, None] * LEFT + tl.arange(0, LEFT)[None, :])
+    for group in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = group * BLOCK_M + segment // PER_ROW
+        row_ok = (rows < M)[:, None]
+        row_x = rows[:, None].to(tl.int64) * stride_xm
+        row_c = rows[:, None].to(tl.int64) * stride_cm
+        if TWO_PASS:
+            xmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            xmin = tl.full((BLOCK_M,), float("inf"), tl.float32)
+            for start in range(0, K, PER_ROW * SEGMENT):
+                chunk = start + cols
+                x = _transformed(x_ptr, bias_ptr, mult_ptr, inner, left, row_x + chunk, chunk, row_ok & (chunk < K),
+                                 had_norm, HAS_BIAS, HAS_SCALE, INNER, LEFT, DOT_PRECISION)
+                xmax = tl.maximum(xmax, tl.max(tl.max(tl.where(chunk < K, x, float("-inf")), axis=1), axis=0))
+                xmin = tl.minimum(xmin, tl.min(tl.min(tl.where(chunk < K, x, float("inf")), axis=1), axis=0))
+            scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
+            for start in range(0, KP, PER_ROW * SEGMENT):
+                chunk = start + cols
+                x = _transformed(x_ptr, bias_ptr, mult_ptr, inner, left, row_x + chunk, chunk, row_ok & (chunk < K),
+                                 had_norm, HAS_BIAS, HAS_SCALE, INNER, LEFT, DOT_PRECISION)
+                codes = asymmetric_code(x, scale[:, None], zero[:, None], 15, DTYPE) - 8.0
+                tl.store(codes_ptr + row_c + chunk, tl.where(chunk < K, codes, 0.0).to(tl.int8),
+                         mask=row_ok & (chunk < KP))
+        else:
+            col_ok = cols < K
+            x = _transformed(x_ptr, bias_ptr, mult_ptr, inner, left, row_x + cols, cols, row_ok & col_ok, had_norm,
+                             HAS_BIAS, HAS_SCALE, INNER, LEFT, DOT_PRECISION)
+            seg_max = tl.max(tl.where(col_ok, x, float("-inf")), axis=1)
+            seg_min = tl.min(tl.where(col_ok, x, float("inf")), axis=1)
+            xmax = tl.max(tl.reshape(seg_max, (BLOCK_M, PER_ROW)), axis=1)
+            xmin = tl.min(tl.reshape(seg_min, (BLOCK_M, PER_ROW)), axis=1)
+            scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
+            seg_scale = tl.reshape(tl.broadcast_to(scale[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
+            seg_zero = tl.reshape(tl.broadcast_to(zero[:, None], (BLOCK_M, PER_ROW)), (BLOCK_M * PER_ROW,))
+            codes = asymmetric_code(x, seg_scale[:, None], seg_zero[:, None], 15, DTYPE) - 8.0
+            tl.store(codes_ptr + row_c + cols, tl.where(col_ok, codes, 0.0).to(tl.int8), mask=row_ok & (cols < KP))
+        token = group * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(scale_ptr + token, scale, mask=token < M)
+        tl.store(offset_ptr + token, scale * (8.0 - zero), mask=token < M)
 
 
 def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
-                         scale: torch.Tensor | None = None, hadamard: tuple | None = None,
+                         scale: torch.Tensor | None = None, hadamard: OnlineHadamard | None = None,
                          hadamard_precision: str | None = None):
     """Per-token asymmetric 4-bit quantization of x [M, K] after an optional Hadamard, bias and scale.
 
-    hadamard: (outer, inner, n) with kron(outer, inner) = H_n unnormalized (+-1 entries, in x's dtype and
-    on its device; outer may be None; inner at most 128), or None. Each contiguous block of n columns is
-    transformed, x_block @ kron(outer, inner) / sqrt(n): n = K is the full transform (down_proj's R4),
-    n = head_dim a head-wise one.
-    hadamard_precision: the in-kernel dot: "native" (tensor cores on the input dtype; the default for
+    hadamard: an OnlineHadamard for rows of K, or None.
+    hadamard_precision: the in-kernel dots: "native" (tensor cores on the input dtype; the default for
     bf16/fp16), "tf32", or "ieee" (FMA in fp32; the default for fp32 inputs).
     Returns (codes int8 [M, Kp], scale fp32 [M], offset fp32 [M]); see the package docstring.
     """
@@ -95,17 +179,21 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         raise ValueError(f"quantize_activations needs a row-major [M, K] tensor, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")
     m, k = x.shape
-    had_size, had_norm, inner = 0, 1.0, x  # x is a placeholder pointer when there is no Hadamard
-    if hadamard is not None:
-        outer, inner, n = hadamard
-        if k % n or (outer.shape[0] if outer is not None else 1) * inner.shape[0] != n:
-            raise ValueError(f"Hadamard factors {None if outer is None else outer.shape[0]} x {inner.shape[0]} do "
-                             f"not make blocks of {n} that tile rows of {k}")
-        if outer is not None:
-            # y[t, p, q] = sum_i outer[i, p] x[t, i, q] over every block t: one batched matmul
-            x = torch.matmul(outer.T, x.view(m * (k // n), outer.shape[0], -1)).view(m, k)
-        had_size, had_norm = inner.shape[0], 1.0 / math.sqrt(n)
     kp = -(-k // PACK_GROUP) * PACK_GROUP
+    inner = left = x  # placeholder pointers for the factors a call does not have
+    inner_size = left_size = 0
+    had_norm = 1.0
+    if hadamard is not None:
+        if hadamard.row_length != k:
+            raise ValueError(f"the OnlineHadamard was built for rows of {hadamard.row_length}, x has rows of {k}")
+        if hadamard.outer is not None and hadamard.left_factor is None:
+            # too large for the kernel's shared memory: one batched matmul before the kernel,
+            # y[t, p, q] = sum_i outer[i, p] x[t, i, q] over every block t
+            outer = hadamard.outer
+            x = torch.matmul(outer.T, x.view(m * (k // hadamard.n), outer.shape[0], -1)).view(m, k)
+        inner, inner_size, had_norm = hadamard.inner, hadamard.inner.shape[0], 1.0 / math.sqrt(hadamard.n)
+        if hadamard.left_factor is not None:
+            left, left_size = hadamard.left_factor, hadamard.left_factor.shape[0]
     codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
     tok_scale = torch.empty(m, dtype=torch.float32, device=x.device)
     tok_offset = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -113,15 +201,39 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     clip = float(torch.tensor(float(clip)).to(x.dtype))
     # bf16/fp16 values and +-1 are exact as tensor-core operands; fp32 ones are not exact in tf32
     precision = hadamard_precision or ("ieee" if x.dtype == torch.float32 else "native")
-    block_k = triton.next_power_of_2(kp)
-    block_m, warps = _launch_config(block_k)
-    _quantize_activation_kernel[(triton.cdiv(m, block_m),)](
+    two_pass = False
+    if left_size:   # the whole row in one program, with the outer factor resident
+        block_m, per_row, segment = 1, left_size, inner_size
+        resident = left_size >= RESIDENT_OUTER_MIN and not interpreting()
+        warps = 4 if interpreting() else LARGE_OUTER_WARPS if resident else SMALL_OUTER_WARPS
+        programs = min(m, _sm_count(x.device)) if resident else m
+    else:
+        segment = inner_size or PACK_GROUP
+        block_k = triton.next_power_of_2(kp)
+        two_pass = block_k > SINGLE_PASS_MAX_K
+        if two_pass:
+            block_m, per_row, warps = 1, max(1, CHUNK_VALUES // segment), 4
+        else:
+            block_m = max(1, (4 if interpreting() else 1) * _TILE // block_k)
+            per_row, warps = block_k // segment, 4 if interpreting() else min(16, max(4, block_m * block_k // 1024))
+        programs = triton.cdiv(m, block_m)
+    _quantize_activation_kernel[(max(programs, 1),)](
         x, codes, tok_scale, tok_offset,
-        bias if bias is not None else x, scale if scale is not None else x, inner,
+        bias if bias is not None else x, scale if scale is not None else x, inner, left,
         m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAD=had_size, DOT_PRECISION=precision,
-        BLOCK_K=block_k, BLOCK_M=block_m, SEGMENT=had_size or block_k, num_warps=warps)
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, INNER=inner_size, LEFT=left_size,
+        DOT_PRECISION=precision, BLOCK_M=block_m, PER_ROW=per_row, SEGMENT=segment, TWO_PASS=two_pass,
+        num_warps=warps)
     return codes, tok_scale, tok_offset
 
 
-__all__ = ["quantize_activations"]
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+__all__ = ["OnlineHadamard", "quantize_activations"]

@@ -64,8 +64,11 @@ def _prefill_configs():
 def _decode_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 64, "BLOCK_M": 16, "GROUPS_PER_STEP": 1, "SPLIT_K": 2}, num_warps=4)]
+    # (BLOCK_N, GROUPS_PER_STEP, SPLIT_K, warps, stages): reading int4 bytes at full bandwidth needs many
+    # loads in flight, from many programs (split K) or deep pipelines (stages x bytes per step)
     shapes = [(64, 1, 1, 4, 4), (64, 1, 2, 4, 4), (64, 1, 4, 4, 4), (64, 1, 8, 4, 4), (128, 1, 2, 4, 4),
-              (128, 1, 4, 4, 4), (64, 2, 2, 4, 3), (128, 2, 1, 8, 3)]
+              (128, 1, 4, 4, 4), (64, 2, 2, 4, 3), (128, 2, 1, 8, 3), (64, 1, 16, 4, 4), (64, 2, 4, 4, 4),
+              (64, 2, 8, 4, 4), (64, 4, 4, 4, 3), (64, 1, 4, 4, 6), (64, 1, 8, 4, 6), (128, 2, 4, 4, 4)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_M": 16, "GROUPS_PER_STEP": g, "SPLIT_K": sk}, num_warps=w,
                           num_stages=s) for n, g, sk, w, s in shapes]
 

@@ -13,8 +13,8 @@ triton = pytest.importorskip("triton")
 
 from baseq.hadamard import hadamard_transform, kronecker_factors  # noqa: E402
 from baseq.quant import asymmetric_codes, fake_quantize_asymmetric  # noqa: E402
-from baseq_kernels import (PACK_GROUP, dequantize_kv, pack_int4, quantize_activations, quantize_kv,  # noqa: E402
-                           unpack_int4_codes, unpack_int4_reference, w4a4_matmul)
+from baseq_kernels import (PACK_GROUP, OnlineHadamard, dequantize_kv, pack_int4, quantize_activations,  # noqa: E402
+                           quantize_kv, unpack_int4_codes, unpack_int4_reference, w4a4_matmul)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -84,8 +84,10 @@ def test_w4a4_gemm_rejects_mismatched_operands():
 
 
 @pytest.mark.parametrize("k,online_hadamard,block", [
-    (200, False, None), (576, False, None),
-    (1536, True, 1536), (4096, True, 4096),   # full transforms: outer 12 / 32 before the kernel, inner 128 in it
+    (200, False, None), (576, False, None), (5000, False, None),   # the last in two passes over chunks
+    # full transforms: outer 12 / 32 and inner 128 in the kernel; outer 172 (above the fp32 limit for the
+    # kernel) as a matmul before it, inner 64 in it
+    (1536, True, 1536), (4096, True, 4096), (11008, True, 11008),
     (576, True, 64), (768, True, 192),        # head-wise: 9 heads of 64 (inner only), 4 heads of 192 = 12 x 16
 ])
 def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hadamard, block):
@@ -97,7 +99,8 @@ def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hada
     reference_in = x
     if online_hadamard:
         outer, inner = kronecker_factors(block)
-        hadamard = (None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), block)
+        hadamard = OnlineHadamard(None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), block, k)
+        assert (hadamard.left_factor is not None) == (outer is not None and k != 11008)
         reference_in = hadamard_transform(x, n=block)
     ref_codes, ref_scale, ref_zero = asymmetric_codes((reference_in - bias) * scale, 4, 0.9)
     codes, tok_scale, tok_offset = quantize_activations(x.to(DEVICE), 0.9, bias.to(DEVICE), scale.to(DEVICE), hadamard)
@@ -117,11 +120,12 @@ def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hada
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision dots are wrong in the interpreter")
-def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen):
-    k = 4096
+@pytest.mark.parametrize("k", [4096, 11008])   # outer factors 32 and 172, both in the kernel
+def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen, k):
     x = (torch.randn(64, k, generator=gen) * 3).to(DEVICE, torch.bfloat16)
     outer, inner = kronecker_factors(k)
-    hadamard = (outer.to(DEVICE, torch.bfloat16), inner.to(DEVICE, torch.bfloat16), k)
+    hadamard = OnlineHadamard(outer.to(DEVICE, torch.bfloat16), inner.to(DEVICE, torch.bfloat16), k, k)
+    assert hadamard.left_factor is not None
     rotated = hadamard_transform(x)
     ref_codes, ref_scale, ref_zero = asymmetric_codes(rotated, 4, torch.tensor(0.9, dtype=torch.bfloat16))
     codes, tok_scale, tok_offset = quantize_activations(x, 0.9, None, None, hadamard)
@@ -152,4 +156,6 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
 def test_activation_quantizer_rejects_a_hadamard_that_does_not_tile_the_row():
     _, inner = kronecker_factors(64)
     with pytest.raises(ValueError, match="tile rows of 200"):
-        quantize_activations(torch.randn(3, 200, device=DEVICE), hadamard=(None, inner.float().to(DEVICE), 64))
+        OnlineHadamard(None, inner.float().to(DEVICE), 64, 200)
+    with pytest.raises(ValueError, match="built for rows of 128"):
+        quantize_activations(torch.randn(3, 256, device=DEVICE), hadamard=OnlineHadamard(None, inner.float(), 64, 128))

@@ -51,6 +51,7 @@ class PackedInputQuantizer(nn.Module):
             outer, inner = kronecker_factors(self.dim)
             self.hadamard_outer = None if outer is None else outer.to(device, dtype)
             self.hadamard_inner = inner.to(device, dtype)
+        self._online_hadamard = None
         self._last: tuple | None = None
 
     def forward(self, x: torch.Tensor):
@@ -58,10 +59,15 @@ class PackedInputQuantizer(nn.Module):
             _, result, left = self._last
             self._last = (x, result, left - 1) if left > 1 else None
             return result
+        kernels = load_kernels()
         hadamard = None
         if self.hadamard_inner is not None:
-            hadamard = (self.hadamard_outer, self.hadamard_inner, self.dim)
-        result = load_kernels().quantize_activations(x.reshape(-1, self.dim), self.clip, self.bias, self.scale, hadamard)
+            hadamard = self._online_hadamard
+            if hadamard is None or hadamard.inner is not self.hadamard_inner or hadamard.outer is not self.hadamard_outer:
+                # built from the buffers (after any .to()), once
+                hadamard = self._online_hadamard = kernels.OnlineHadamard(self.hadamard_outer, self.hadamard_inner,
+                                                                          self.dim, self.dim)
+        result = kernels.quantize_activations(x.reshape(-1, self.dim), self.clip, self.bias, self.scale, hadamard)
         self._last = (x, result, self.consumers - 1) if self.consumers > 1 else None
         return result
 
