@@ -145,7 +145,8 @@ QUANTIZER_VARIANTS = [
     {"SINGLE_PASS_MAX_K": 2048},   # K=4096 rows in two passes too
     {"SINGLE_PASS_MAX_K": 16384},  # K=11008 in one pass (the first kernel's layout)
     {"CHUNK_VALUES": 1024}, {"CHUNK_VALUES": 4096},
-    {"LARGE_OUTER_WARPS": 8}, {"SMALL_OUTER_WARPS": 8}, {"SMALL_OUTER_WARPS": 16},
+    {"RESIDENT_OUTER_STAGES": 1}, {"LARGE_OUTER_WARPS": 8},   # the 172 outer factor (11008)
+    {"FUSED_OUTER_TILE": 4096}, {"FUSED_OUTER_TILE": 16384},    # rows per program with the 32 one (4096)
     {"fuse_outer": False},         # outer factor as a matmul before the kernel (the first design)
 ]
 

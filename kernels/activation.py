@@ -24,14 +24,19 @@ SINGLE_PASS_MAX_K = 4096
 CHUNK_VALUES = 2048
 # Row tile (BLOCK_M * padded K values) of a single-pass program.
 _TILE = 8192
-# Largest (padded) outer factor run inside the kernel, by activation dtype; its matrix sits in shared memory
-# (256^2 bf16 = 128 KiB) for all the rows a program handles.
+# Largest (padded) outer factor run inside the kernel, by activation dtype: a resident one sits in shared
+# memory (256^2 bf16 = 128 KiB) for all the rows a program handles.
 _MAX_FUSED_OUTER = {torch.float32: 64, torch.float16: 256, torch.bfloat16: 256}
-# From this padded size on, a fused outer factor is loaded once per program and each program (one per SM)
-# loops over rows; smaller ones are re-read (from L2) by one program per row.
-RESIDENT_OUTER_MIN = 128
+# Rows whose segments need no padding (e.g. 4096 = 32 x 128) are stacked into one tile of about this many
+# values, with a block-diagonal left factor of at most _MAX_FUSED_OUTER_MULTIROW.
+FUSED_OUTER_TILE = 8192
+_MAX_FUSED_OUTER_MULTIROW = 128
+# From this (padded) size on, the left factor is loaded once per program, one program per SM loops over the
+# rows, and the loop is software-pipelined RESIDENT_OUTER_STAGES deep (3 overflows the shared memory at
+# 256); smaller ones are re-read (from L2) by one program per row group.
+RESIDENT_OUTER_MIN = 256
+RESIDENT_OUTER_STAGES = 2
 LARGE_OUTER_WARPS = 16
-SMALL_OUTER_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -40,32 +45,39 @@ class OnlineHadamard:
     columns: n = K is a full transform (down_proj's R4), n = head_dim a head-wise one.
 
     outer, inner: +-1 matrices in the activations' dtype and device with kron(outer, inner) = H_n (outer may
-    be None; inner at most 128). Built once per layer; `left_factor` is what the kernel multiplies the
-    [segments, inner] tile by from the left, for rows of `row_length` columns (None when the outer factor
-    is too large for the kernel, or fuse_outer=False: then one batched matmul applies it first)."""
+    be None; inner at most 128). Built once per layer. The kernel holds `left_rows` rows as a
+    [segments, inner] tile and multiplies it from the left by `left_factor`, the block-diagonal
+    kron(I, outer^T) padded to a power of two. left_factor is None when the outer factor is too large for
+    the kernel, or with fuse_outer=False: then one batched matmul applies it first."""
     outer: torch.Tensor | None
     inner: torch.Tensor
     n: int
     row_length: int
     fuse_outer: bool = True
     left_factor: torch.Tensor | None = field(init=False, repr=False)
+    left_rows: int = field(init=False, default=1)
 
     def __post_init__(self):
         outer_size = 1 if self.outer is None else self.outer.shape[0]
         if self.row_length % self.n or outer_size * self.inner.shape[0] != self.n:
             raise ValueError(f"Hadamard factors {None if self.outer is None else outer_size} x {self.inner.shape[0]} "
                              f"do not make blocks of {self.n} that tile rows of {self.row_length}")
+        if self.outer is None or not self.fuse_outer:
+            object.__setattr__(self, "left_factor", None)
+            return
+        segments = self.row_length // self.inner.shape[0]
+        rows = 1
+        if segments == triton.next_power_of_2(segments):
+            # rows stack without padding: several per program, as for a row without a Hadamard
+            rows = max(1, min(FUSED_OUTER_TILE // self.row_length, _MAX_FUSED_OUTER_MULTIROW // segments))
+        size = triton.next_power_of_2(max(16, rows * segments))
         left = None
-        if self.outer is not None:
-            # y[i] = sum_j outer[j, i] x[j] for the segments of each block: kron(I_blocks, outer^T), padded
-            blocks = self.row_length // self.n
-            segments = blocks * outer_size
-            padded = triton.next_power_of_2(max(16, segments))
-            if self.fuse_outer and padded <= _MAX_FUSED_OUTER.get(self.inner.dtype, 0):
-                left = torch.zeros(padded, padded, dtype=self.inner.dtype, device=self.inner.device)
-                eye = torch.eye(blocks, dtype=self.inner.dtype, device=self.inner.device)
-                left[:segments, :segments] = torch.kron(eye, self.outer.T.contiguous())
+        if size <= _MAX_FUSED_OUTER.get(self.inner.dtype, 0):
+            left = torch.zeros(size, size, dtype=self.inner.dtype, device=self.inner.device)
+            eye = torch.eye(rows * segments // outer_size, dtype=self.inner.dtype, device=self.inner.device)
+            left[:rows * segments, :rows * segments] = torch.kron(eye, self.outer.T.contiguous())
         object.__setattr__(self, "left_factor", left)
+        object.__setattr__(self, "left_rows", rows)
 
 
 @triton.jit
@@ -202,11 +214,16 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
     # bf16/fp16 values and +-1 are exact as tensor-core operands; fp32 ones are not exact in tf32
     precision = hadamard_precision or ("ieee" if x.dtype == torch.float32 else "native")
     two_pass = False
-    if left_size:   # the whole row in one program, with the outer factor resident
-        block_m, per_row, segment = 1, left_size, inner_size
+    stages = 3   # Triton's default
+    if left_size:   # whole rows in one program, the outer factor applied in it
+        block_m, segment = hadamard.left_rows, inner_size
+        per_row = left_size // block_m
         resident = left_size >= RESIDENT_OUTER_MIN and not interpreting()
-        warps = 4 if interpreting() else LARGE_OUTER_WARPS if resident else SMALL_OUTER_WARPS
-        programs = min(m, _sm_count(x.device)) if resident else m
+        if resident:
+            warps, stages, programs = LARGE_OUTER_WARPS, RESIDENT_OUTER_STAGES, min(m, _sm_count(x.device))
+        else:
+            warps = 4 if interpreting() else min(16, max(4, left_size * segment // 1024))
+            programs = triton.cdiv(m, block_m)
     else:
         segment = inner_size or PACK_GROUP
         block_k = triton.next_power_of_2(kp)
@@ -223,7 +240,7 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, INNER=inner_size, LEFT=left_size,
         DOT_PRECISION=precision, BLOCK_M=block_m, PER_ROW=per_row, SEGMENT=segment, TWO_PASS=two_pass,
-        num_warps=warps)
+        num_warps=warps, num_stages=stages)
     return codes, tok_scale, tok_offset
 
 
