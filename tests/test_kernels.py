@@ -13,8 +13,8 @@ triton = pytest.importorskip("triton")
 
 from baseq.hadamard import hadamard_transform, kronecker_factors  # noqa: E402
 from baseq.quant import asymmetric_codes, fake_quantize_asymmetric  # noqa: E402
-from baseq_kernels import (PACK_GROUP, OnlineHadamard, dequantize_kv, pack_int4, quantize_activations,  # noqa: E402
-                           quantize_kv, unpack_int4_codes, unpack_int4_reference, w4a4_matmul)
+from baseq_kernels import (PACK_GROUP, OnlineHadamard, dequantize_kv, kv_cache_round_trip, pack_int4,  # noqa: E402
+                           quantize_activations, quantize_kv, unpack_int4_codes, unpack_int4_reference, w4a4_matmul)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -151,6 +151,18 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
         fake_quantize_asymmetric(x - bias[:, None], 4, clip) + bias[:, None]
     # equal but where torch's host division by 15 rounds a scale differently in its last bit
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+    # the one-pass round trip is the same computation, to the bit
+    one_pass = kv_cache_round_trip(x.to(DEVICE), 0.95, None if bias is None else bias.to(DEVICE)).cpu()
+    assert torch.equal(one_pass, out), f"seed {gen.initial_seed()}"
+
+
+def test_kv4_round_trip_in_bfloat16_equals_the_cache_kernels(gen):
+    """The one-pass round trip and quantize -> dequantize agree to the bit in the model's dtype too."""
+    x = (torch.randn(2, 7, 4, 128, generator=gen) * 2).to(DEVICE, torch.bfloat16).transpose(1, 2)
+    bias = (torch.randn(4, 128, generator=gen) * 0.3).to(DEVICE, torch.bfloat16)
+    packed, scale, zero = quantize_kv(x, 0.9, bias)
+    assert torch.equal(kv_cache_round_trip(x, 0.9, bias), dequantize_kv(packed, scale, zero, torch.bfloat16, bias)), \
+        f"seed {gen.initial_seed()}"
 
 
 def test_activation_quantizer_rejects_a_hadamard_that_does_not_tile_the_row():

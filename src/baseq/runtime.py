@@ -141,9 +141,8 @@ class KV4AttentionQuantizer(nn.Module):
         return None if quantizer.bias is None else quantizer.bias.detach().to(device, dtype).contiguous()
 
     def cache_roundtrip(self, x: torch.Tensor, clip: float, bias) -> torch.Tensor:
-        kernels = load_kernels()
-        packed, scale, zero = kernels.quantize_kv(x, clip, bias)
-        return kernels.dequantize_kv(packed, scale, zero, x.dtype, bias)
+        # what attention reads back from the 4-bit cache; no cache is kept for generation (prefill only)
+        return load_kernels().kv_cache_round_trip(x, clip, bias)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
