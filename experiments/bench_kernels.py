@@ -8,7 +8,7 @@ Prints, and writes to DIR/bench_kernels.json:
     M <= 16 is timed as CUDA-graph replays cycling over enough weight copies to overflow L2;
   * the fused activation quantizer (with and without the online Hadamard, bias and scale) vs its memory floor
     (bytes in + bytes out over the measured copy bandwidth);
-  * the KV4 cache quantizer vs its floor.
+  * the KV4 cache kernels (write, read, and the prefill runtime's one-pass round trip) vs their floors.
 Each GEMM is checked against the fp32 matmul of its dequantized operands before it is timed.
 """
 
@@ -30,7 +30,8 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from baseq.hadamard import kronecker_factors
-from baseq_kernels import OnlineHadamard, activation, pack_int4, quantize_activations, quantize_kv, w4a4_matmul
+from baseq_kernels import (OnlineHadamard, activation, dequantize_kv, kv_cache_round_trip, pack_int4,
+                           quantize_activations, quantize_kv, w4a4_matmul)
 from baseq_kernels.gemm import _w4a4_decode, _w4a4_prefill
 
 SHAPES = {  # name: (N, K) of y = x W^T
@@ -145,7 +146,8 @@ QUANTIZER_VARIANTS = [
     {"SINGLE_PASS_MAX_K": 2048},   # K=4096 rows in two passes too
     {"SINGLE_PASS_MAX_K": 16384},  # K=11008 in one pass (the first kernel's layout)
     {"CHUNK_VALUES": 1024}, {"CHUNK_VALUES": 4096},
-    {"RESIDENT_OUTER_STAGES": 1}, {"LARGE_OUTER_WARPS": 8},   # the 172 outer factor (11008)
+    {"SPLIT_OUTER_WARPS": 8}, {"SPLIT_OUTER_STAGES": 1}, {"SPLIT_OUTER_STAGES": 3},   # the 172 outer factor
+    {"SPLIT_OUTER_PROGRAMS_PER_SM": 2},                                                  # (11008)
     {"FUSED_OUTER_TILE": 4096}, {"FUSED_OUTER_TILE": 16384},    # rows per program with the 32 one (4096)
     {"fuse_outer": False},         # outer factor as a matmul before the kernel (the first design)
 ]
@@ -171,11 +173,24 @@ def quantizer_variants(bandwidth: float) -> list[dict]:
     return rows
 
 
-def bench_kv(b: int, h: int, s: int, d: int, bandwidth: float) -> dict:
-    x = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
-    t = median_ms(lambda: quantize_kv(x))
-    floor_ms = (x.numel() * 2 + x.numel() // 2 + 8 * b * h * s) / bandwidth * 1e3
-    return {"shape": [b, h, s, d], "ms": t, "floor_ms": floor_ms, "vs_floor": t / floor_ms}
+def bench_kv(b: int, h: int, s: int, d: int, bandwidth: float) -> list[dict]:
+    """The cache write (quantize_kv), the read (dequantize_kv) and the one-pass round trip the prefill runtime
+    uses, on a key tensor in HF's [B, H, S, D] view of [B, S, H, D] (strided), each vs its memory floor."""
+    x = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    bias = torch.randn(h, d, device="cuda", dtype=torch.bfloat16) * 0.1
+    n, rows = x.numel(), b * h * s
+    packed, scale, zero = quantize_kv(x, 1.0, bias)
+    cases = {  # name: (call, bytes moved)
+        "quantize": (lambda: quantize_kv(x, 1.0, bias), 2 * n + n // 2 + 8 * rows),
+        "dequantize": (lambda: dequantize_kv(packed, scale, zero, torch.bfloat16, bias), n // 2 + 8 * rows + 2 * n),
+        "round trip": (lambda: kv_cache_round_trip(x, 1.0, bias), 4 * n),
+    }
+    rows_out = []
+    for name, (call, nbytes) in cases.items():
+        t = median_ms(call)
+        floor_ms = nbytes / bandwidth * 1e3
+        rows_out.append({"kernel": name, "shape": [b, h, s, d], "ms": t, "floor_ms": floor_ms, "vs_floor": t / floor_ms})
+    return rows_out
 
 
 def main() -> None:
@@ -237,9 +252,9 @@ def main() -> None:
     result["quantizer"] = quant
     if args.quantizer_variants:
         result["quantizer_variants"] = quantizer_variants(bandwidth)
-    result["kv"] = [bench_kv(8, 32, 2048, 128, bandwidth)]
-    print(f"kv4 quantize {result['kv'][0]['shape']} {result['kv'][0]['ms']:.4f} ms  x{result['kv'][0]['vs_floor']:.2f} "
-          f"of floor", flush=True)
+    result["kv"] = bench_kv(8, 32, 2048, 128, bandwidth)
+    for row in result["kv"]:
+        print(f"kv4 {row['kernel']:10s} {row['shape']} {row['ms']:.4f} ms  x{row['vs_floor']:.2f} of floor", flush=True)
     result["seconds"] = time.time() - started
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_kernels.json").write_text(json.dumps(result, indent=1))
