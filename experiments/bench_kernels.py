@@ -143,12 +143,14 @@ def bench_quantizer(m: int, k: int, online: bool, bandwidth: float, fuse_outer: 
 # Launch constants of the quantizer compared by --quantizer-variants (module attributes of baseq_kernels.activation).
 QUANTIZER_VARIANTS = [
     {},  # the defaults
-    {"SINGLE_PASS_MAX_K": 2048},   # K=4096 rows in two passes too
-    {"SINGLE_PASS_MAX_K": 16384},  # K=11008 in one pass (the first kernel's layout)
-    {"CHUNK_VALUES": 1024}, {"CHUNK_VALUES": 4096},
-    {"SPLIT_OUTER_WARPS": 8}, {"SPLIT_OUTER_STAGES": 1}, {"SPLIT_OUTER_STAGES": 3},   # the 172 outer factor
-    {"SPLIT_OUTER_PROGRAMS_PER_SM": 2},                                                  # (11008)
-    {"FUSED_OUTER_TILE": 4096}, {"FUSED_OUTER_TILE": 16384},    # rows per program with the 32 one (4096)
+    {"SINGLE_PASS_MAX_K": 16384},  # K=11008 without a Hadamard in one pass (the first kernel's layout)
+    # the 172 outer factor of 11008 (split tiles): rows per step, pipeline depth, warps
+    {"SPLIT_OUTER_TOKENS": 1}, {"SPLIT_OUTER_TOKENS": 1, "SPLIT_OUTER_STAGES": 3},
+    {"SPLIT_OUTER_STAGES": 1}, {"SPLIT_OUTER_WARPS": 8},
+    # the 32 outer factor of 4096: one program per row group, or resident programs looping over them
+    {"RESIDENT_OUTER_MIN": 16}, {"RESIDENT_OUTER_MIN": 16, "RESIDENT_OUTER_WARPS": 8},
+    {"RESIDENT_OUTER_MIN": 16, "RESIDENT_OUTER_WARPS": 8, "RESIDENT_OUTER_PROGRAMS_PER_SM": 2},
+    {"RESIDENT_OUTER_MIN": 16, "RESIDENT_OUTER_STAGES": 3},
     {"fuse_outer": False},         # outer factor as a matmul before the kernel (the first design)
 ]
 
@@ -162,7 +164,7 @@ def quantizer_variants(bandwidth: float) -> list[dict]:
             if name != "fuse_outer":
                 setattr(activation, name, value)
         for k in (4096, 11008):
-            for online in (False, True):
+            for online in (False, True) if not variant or "SINGLE_PASS_MAX_K" in variant else (True,):
                 row = {"variant": variant or "default",
                        **bench_quantizer(16384, k, online, bandwidth, variant.get("fuse_outer", True))}
                 rows.append(row)
@@ -198,6 +200,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one model's shapes, M in {16, 2048}")
     parser.add_argument("--ms", type=int, nargs="+", help="GEMM token counts (default 1 16 2048 8192 16384)")
     parser.add_argument("--skip-layouts", action="store_true")
+    parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--quantizer-variants", action="store_true",
                         help="also time the quantizer's launch variants (QUANTIZER_VARIANTS) at M=16384")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -225,7 +228,7 @@ def main() -> None:
         (Path(args.out) / "bench_layouts.json").write_text(json.dumps(result, indent=1))
         return
     ms = args.ms or ([16, 2048] if args.quick else [1, 16, 2048, 8192, 16384])
-    models = list(SHAPES)[:1] if args.quick else list(SHAPES)
+    models = [] if args.skip_gemm else list(SHAPES)[:1] if args.quick else list(SHAPES)
     gemm = []
     for model in models:
         for name, (n, k) in SHAPES[model].items():

@@ -39,7 +39,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=
 KERNEL_KINDS = [
     ("w4a4 gemm", ("_w4a4_kernel",)),
     ("int4 weight unpack", ("_unpack_int4",)),
-    ("activation quantizer", ("_quantize_activation",)),
+    ("activation quantizer", ("_quantize_activation", "_quantize_split_outer")),
     ("kv4 quantize/dequantize", ("_quantize_kv", "_dequantize_kv")),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("cublas gemm (bf16 linears, R3, lm_head)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
