@@ -31,20 +31,23 @@ _MAX_FUSED_OUTER = {torch.float32: 64, torch.float16: 256, torch.bfloat16: 256}
 # values, with a block-diagonal left factor of at most _MAX_FUSED_OUTER_MULTIROW.
 FUSED_OUTER_TILE = 8192
 _MAX_FUSED_OUTER_MULTIROW = 128
-# From this (padded) size on, the left factor is loaded once per program, one program per SM loops over the
-# rows, and the loop is software-pipelined RESIDENT_OUTER_STAGES deep (3 overflows the shared memory at
-# 256); smaller ones are re-read (from L2) by one program per row group.
-RESIDENT_OUTER_MIN = 256
+# On the GPU a fused left factor of at least this (padded) size is loaded once per program, and
+# RESIDENT_OUTER_PROGRAMS_PER_SM programs per SM loop over the row groups, the loop software-pipelined
+# RESIDENT_OUTER_STAGES deep (3 overflows the shared memory with a 256 factor); smaller ones are re-read
+# (from L2) by one program per row group. H100, M=16384, K=4096 (left 64): 0.209 ms resident with 8 warps
+# and 2 programs per SM, 0.25 ms one program per row group (experiments/bench_kernels.py --quantizer-variants).
+RESIDENT_OUTER_MIN = 16
 RESIDENT_OUTER_STAGES = 2
-RESIDENT_OUTER_WARPS = 16
-RESIDENT_OUTER_PROGRAMS_PER_SM = 1
+RESIDENT_OUTER_WARPS = 8   # at least; 1K values per warp
+RESIDENT_OUTER_PROGRAMS_PER_SM = 2
 # Launch of the split-tile kernel (left_split), e.g. the 172 = 128 + 64 outer factor of 11008: the factor
-# takes 72 KiB of shared memory, and registers allow one 16-warp program per SM (115 regs/thread, sm_90),
-# whose row loop is pipelined 2 deep.
+# takes 72 KiB of shared memory, and registers allow one 16-warp program per SM (110 regs/thread, sm_90),
+# whose row loop is pipelined 3 deep. H100, M=16384: 1.24 ms; 2 rows per step 1.43 ms (spills), 8 warps
+# 1.32 ms, 2 stages 1.29 ms, 1 stage 2.2 ms.
 SPLIT_OUTER_PROGRAMS_PER_SM = 1
 SPLIT_OUTER_WARPS = 16
-SPLIT_OUTER_STAGES = 2
-SPLIT_OUTER_TOKENS = 2
+SPLIT_OUTER_STAGES = 3
+SPLIT_OUTER_TOKENS = 1
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,8 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         per_row = left_size // block_m
         resident = left_size >= RESIDENT_OUTER_MIN and not interpreting()
         if resident:
-            warps, stages = RESIDENT_OUTER_WARPS, RESIDENT_OUTER_STAGES
+            warps = max(RESIDENT_OUTER_WARPS, min(16, left_size * segment // 1024))
+            stages = RESIDENT_OUTER_STAGES
             programs = min(triton.cdiv(m, block_m), RESIDENT_OUTER_PROGRAMS_PER_SM * _sm_count(x.device))
         else:
             warps = 4 if interpreting() else min(16, max(4, left_size * segment // 1024))
