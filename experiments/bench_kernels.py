@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from baseq.hadamard import kronecker_factors
+from baseq.hadamard import hadamard_matrix, kronecker_factors
 from baseq_kernels import (OnlineHadamard, activation, dequantize_kv, kv_cache_round_trip, pack_int4,
-                           quantize_activations, quantize_kv, w4a4_matmul)
+                           quantize_activations, quantize_kv, rotate_heads, w4a4_matmul)
 from baseq_kernels.gemm import _w4a4_decode, _w4a4_prefill
 
 SHAPES = {  # name: (N, K) of y = x W^T
@@ -176,16 +176,22 @@ def quantizer_variants(bandwidth: float) -> list[dict]:
 
 
 def bench_kv(b: int, h: int, s: int, d: int, bandwidth: float) -> list[dict]:
-    """The cache write (quantize_kv), the read (dequantize_kv) and the one-pass round trip the prefill runtime
-    uses, on a key tensor in HF's [B, H, S, D] view of [B, S, H, D] (strided), each vs its memory floor."""
+    """The cache write (quantize_kv), the read (dequantize_kv), the one-pass round trip the prefill runtime
+    uses (with and without R3 fused), R3 on queries, and R3 as the torch matmul it replaces, on a key tensor in
+    HF's [B, H, S, D] view of [B, S, H, D] (strided), each vs its memory floor."""
     x = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     bias = torch.randn(h, d, device="cuda", dtype=torch.bfloat16) * 0.1
     n, rows = x.numel(), b * h * s
     packed, scale, zero = quantize_kv(x, 1.0, bias)
+    hadamard = hadamard_matrix(d).to("cuda", torch.bfloat16)
+    hadamard_scaled = (hadamard_matrix(d) / math.sqrt(d)).to("cuda", torch.bfloat16)
     cases = {  # name: (call, bytes moved)
         "quantize": (lambda: quantize_kv(x, 1.0, bias), 2 * n + n // 2 + 8 * rows),
         "dequantize": (lambda: dequantize_kv(packed, scale, zero, torch.bfloat16, bias), n // 2 + 8 * rows + 2 * n),
         "round trip": (lambda: kv_cache_round_trip(x, 1.0, bias), 4 * n),
+        "round trip with R3": (lambda: kv_cache_round_trip(x, 1.0, bias, hadamard), 4 * n),
+        "R3 on queries": (lambda: rotate_heads(x, hadamard), 4 * n),
+        "R3 as torch matmul": (lambda: torch.matmul(x, hadamard_scaled), 4 * n),
     }
     rows_out = []
     for name, (call, nbytes) in cases.items():
@@ -257,7 +263,7 @@ def main() -> None:
         result["quantizer_variants"] = quantizer_variants(bandwidth)
     result["kv"] = bench_kv(8, 32, 2048, 128, bandwidth)
     for row in result["kv"]:
-        print(f"kv4 {row['kernel']:10s} {row['shape']} {row['ms']:.4f} ms  x{row['vs_floor']:.2f} of floor", flush=True)
+        print(f"kv4 {row['kernel']:18s} {row['shape']} {row['ms']:.4f} ms  x{row['vs_floor']:.2f} of floor", flush=True)
     result["seconds"] = time.time() - started
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_kernels.json").write_text(json.dumps(result, indent=1))

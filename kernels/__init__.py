@@ -16,7 +16,7 @@ Data layout shared by the kernels (the contract `baseq.runtime` builds on):
 from .activation import OnlineHadamard, quantize_activations
 from .common import PACK_GROUP, interpreting
 from .gemm import pack_int4, unpack_int4_codes, unpack_int4_reference, w4a4_matmul
-from .kv_cache import dequantize_kv, kv_cache_round_trip, quantize_kv
+from .kv_cache import dequantize_kv, kv_cache_round_trip, quantize_kv, rotate_heads
 
 __all__ = ["PACK_GROUP", "interpreting", "OnlineHadamard", "quantize_activations", "pack_int4", "unpack_int4_codes",
-           "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv", "kv_cache_round_trip"]
+           "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv", "kv_cache_round_trip", "rotate_heads"]

@@ -11,10 +11,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from baseq.hadamard import hadamard_transform, kronecker_factors  # noqa: E402
+from baseq.hadamard import hadamard_matrix, hadamard_transform, kronecker_factors  # noqa: E402
 from baseq.quant import asymmetric_codes, fake_quantize_asymmetric  # noqa: E402
 from baseq_kernels import (PACK_GROUP, OnlineHadamard, dequantize_kv, kv_cache_round_trip, pack_int4,  # noqa: E402
-                           quantize_activations, quantize_kv, unpack_int4_codes, unpack_int4_reference, w4a4_matmul)
+                           quantize_activations, quantize_kv, rotate_heads, unpack_int4_codes, unpack_int4_reference,
+                           w4a4_matmul)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -139,30 +140,55 @@ def test_activation_quantizer_in_bfloat16_follows_the_fake_quantizer(gen, k):
     assert ((dequantized - reference).norm() / reference.norm()).item() < 5e-2, f"seed {gen.initial_seed()}"
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias):
+@pytest.mark.parametrize("with_bias,with_hadamard", [(False, False), (True, False), (True, True)])
+def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias, with_hadamard):
     x = torch.randn(2, 5, 3, 64, generator=gen).transpose(1, 2)   # [B, H, S, D], not contiguous
     bias = torch.randn(3, 64, generator=gen) * 0.3 if with_bias else None
-    packed, scale, zero = quantize_kv(x.to(DEVICE), 0.95, None if bias is None else bias.to(DEVICE))
+    hadamard = hadamard_matrix(64).float() if with_hadamard else None
+    on = (lambda t: None if t is None else t.to(DEVICE))  # noqa: E731
+    packed, scale, zero = quantize_kv(x.to(DEVICE), 0.95, on(bias), on(hadamard))
     assert packed.shape == (2, 3, 5, 32) and packed.dtype == torch.uint8
-    out = dequantize_kv(packed, scale, zero, torch.float32, None if bias is None else bias.to(DEVICE)).cpu()
+    out = dequantize_kv(packed, scale, zero, torch.float32, on(bias)).cpu()
     clip = torch.tensor(0.95)
-    expected = fake_quantize_asymmetric(x, 4, clip) if bias is None else \
-        fake_quantize_asymmetric(x - bias[:, None], 4, clip) + bias[:, None]
-    # equal but where torch's host division by 15 rounds a scale differently in its last bit
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+    keys = hadamard_transform(x) if with_hadamard else x   # R3 as AttentionQuantizer applies it
+    expected = fake_quantize_asymmetric(keys, 4, clip) if bias is None else \
+        fake_quantize_asymmetric(keys - bias[:, None], 4, clip) + bias[:, None]
+    # equal but where torch's host division by 15 rounds a scale differently in its last bit (and, with
+    # R3, where the kernel's dot sums in another order)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 if with_hadamard else 1e-6,
+                               msg=f"seed {gen.initial_seed()}")
     # the one-pass round trip is the same computation, to the bit
-    one_pass = kv_cache_round_trip(x.to(DEVICE), 0.95, None if bias is None else bias.to(DEVICE)).cpu()
+    one_pass = kv_cache_round_trip(x.to(DEVICE), 0.95, on(bias), on(hadamard)).cpu()
     assert torch.equal(one_pass, out), f"seed {gen.initial_seed()}"
+
+
+def test_rotate_heads_is_the_head_hadamard(gen):
+    x = torch.randn(2, 7, 4, 64, generator=gen).transpose(1, 2)
+    rotated = rotate_heads(x.to(DEVICE), hadamard_matrix(64).float().to(DEVICE)).cpu()
+    assert rotated.is_contiguous()
+    torch.testing.assert_close(rotated, hadamard_transform(x), rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+    with pytest.raises(ValueError, match=r"\+-1 \[64, 64\] matrix"):
+        rotate_heads(x.to(DEVICE), hadamard_matrix(32).float().to(DEVICE))
 
 
 def test_kv4_round_trip_in_bfloat16_equals_the_cache_kernels(gen):
     """The one-pass round trip and quantize -> dequantize agree to the bit in the model's dtype too."""
     x = (torch.randn(2, 7, 4, 128, generator=gen) * 2).to(DEVICE, torch.bfloat16).transpose(1, 2)
     bias = (torch.randn(4, 128, generator=gen) * 0.3).to(DEVICE, torch.bfloat16)
-    packed, scale, zero = quantize_kv(x, 0.9, bias)
-    assert torch.equal(kv_cache_round_trip(x, 0.9, bias), dequantize_kv(packed, scale, zero, torch.bfloat16, bias)), \
-        f"seed {gen.initial_seed()}"
+    hadamard = hadamard_matrix(128).to(DEVICE, torch.bfloat16)
+    packed, scale, zero = quantize_kv(x, 0.9, bias, hadamard)
+    assert torch.equal(kv_cache_round_trip(x, 0.9, bias, hadamard),
+                       dequantize_kv(packed, scale, zero, torch.bfloat16, bias)), f"seed {gen.initial_seed()}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision dots are wrong in the interpreter")
+def test_rotate_heads_in_bfloat16_follows_hadamard_transform(gen):
+    x = (torch.randn(2, 64, 8, 128, generator=gen) * 3).to(DEVICE, torch.bfloat16).transpose(1, 2)
+    rotated = rotate_heads(x, hadamard_matrix(128).to(DEVICE, torch.bfloat16)).float()
+    reference = hadamard_transform(x).float()
+    # both sum the exact +-1 products in fp32 and round once; only the summation order differs
+    assert (rotated != reference).float().mean().item() < 1e-2, f"seed {gen.initial_seed()}"
+    torch.testing.assert_close(rotated, reference, rtol=8e-3, atol=1e-2, msg=f"seed {gen.initial_seed()}")
 
 
 def test_activation_quantizer_rejects_a_hadamard_that_does_not_tile_the_row():

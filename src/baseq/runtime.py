@@ -9,13 +9,11 @@ the GEMM's fp32 epilogue. The kernels need CUDA, or TRITON_INTERPRET=1 on the CP
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .errors import UserError
-from .hadamard import hadamard_matrix, hadamard_transform, kronecker_factors
+from .hadamard import hadamard_matrix, kronecker_factors
 from .models.families import ModelFamily
 from .modules import AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer, effective_clip
@@ -122,7 +120,8 @@ class W4A4Linear(nn.Module):
 
 class KV4AttentionQuantizer(nn.Module):
     """Runtime twin of AttentionQuantizer: R3 on queries and keys, then keys and values through the 4-bit
-    cache kernels (quantize to packed codes, dequantize for attention)."""
+    cache kernels (quantized, then dequantized for attention). R3 runs inside the kernels: one pass rotates
+    the queries, one rotates, quantizes and dequantizes the keys."""
 
     def __init__(self, fake: AttentionQuantizer, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -140,26 +139,22 @@ class KV4AttentionQuantizer(nn.Module):
     def _bias(quantizer: KVQuantizer, dtype: torch.dtype, device: torch.device):
         return None if quantizer.bias is None else quantizer.bias.detach().to(device, dtype).contiguous()
 
-    def cache_roundtrip(self, x: torch.Tensor, clip: float, bias) -> torch.Tensor:
-        # what attention reads back from the 4-bit cache; no cache is kept for generation (prefill only)
-        return load_kernels().kv_cache_round_trip(x, clip, bias)
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return hadamard_transform(x)
-        # half precision: one tensor-core matmul (hadamard_transform would compute in fp32 without them)
-        d = x.shape[-1]
-        if self._head_hadamard is None or self._head_hadamard.device != x.device:
-            self._head_hadamard = (hadamard_matrix(d) / math.sqrt(d)).to(x.device, x.dtype)
-        return torch.matmul(x, self._head_hadamard)
+    def head_hadamard(self, x: torch.Tensor) -> torch.Tensor:
+        """The +-1 H_head_dim the kernels rotate by (built on first use, on x's device and dtype)."""
+        h = self._head_hadamard
+        if h is None or h.device != x.device or h.dtype != x.dtype or h.shape[0] != x.shape[-1]:
+            h = self._head_hadamard = hadamard_matrix(x.shape[-1]).to(x.device, x.dtype)
+        return h
 
     def forward(self, query, key, value):
-        if self.rotate_qk:
-            query, key = self.rotate(query), self.rotate(key)
+        kernels = load_kernels()
+        hadamard = self.head_hadamard(query) if self.rotate_qk else None
+        if hadamard is not None:
+            query = kernels.rotate_heads(query, hadamard)
         if self.kv_bits == 16:
-            return query, key, value
-        return query, self.cache_roundtrip(key, self.k_clip, self.k_bias), \
-            self.cache_roundtrip(value, self.v_clip, self.v_bias)
+            return query, key if hadamard is None else kernels.rotate_heads(key, hadamard), value
+        return query, kernels.kv_cache_round_trip(key, self.k_clip, self.k_bias, hadamard), \
+            kernels.kv_cache_round_trip(value, self.v_clip, self.v_bias)
 
 
 @torch.no_grad()
