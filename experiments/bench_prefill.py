@@ -40,7 +40,7 @@ KERNEL_KINDS = [
     ("w4a4 gemm", ("_w4a4_kernel",)),
     ("int4 weight unpack", ("_unpack_int4",)),
     ("activation quantizer", ("_quantize_activation", "_quantize_split_outer")),
-    ("kv4 quantize/dequantize", ("_quantize_kv", "_dequantize_kv")),
+    ("kv4 cache and R3 passes", ("_kv_pass", "_dequantize_kv")),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("cublas gemm (bf16 linears, R3, lm_head)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
 ]
