@@ -1,9 +1,10 @@
 """Fused activation quantizer: x -> (optional Hadamard) -> x - B -> * S -> per-token asymmetric 4-bit codes.
 
-A program holds whole rows in registers, so x is read once and the codes written once. The rows are loaded
-as [segments, SEGMENT] tiles, SEGMENT being the Hadamard's inner factor (a Sylvester block of at most 128),
-so both Hadamard factors are plain tensor-core dots on the tile: the outer factor (e.g. the 172 of
-11008 = 172 * 64) mixes the segments from the left, the inner one mixes each segment from the right.
+Rows are loaded as [segments, SEGMENT] tiles, SEGMENT being the Hadamard's inner factor (a Sylvester block of
+at most 128), so both Hadamard factors are plain tensor-core dots on the tile: the outer factor (e.g. the 172
+of 11008 = 172 * 64) mixes the segments from the left, the inner one mixes each segment from the right.
+A row whose outer factor runs in the kernel is held whole (the factor mixes all of it); so are rows up to
+SINGLE_PASS_MAX_K. Those are read once. Longer rows are read twice in chunks: min/max, then codes.
 """
 
 from __future__ import annotations
@@ -216,9 +217,9 @@ def _quantize_activation_kernel(
     TWO_PASS: tl.constexpr,
 ):
     """Single pass: groups of BLOCK_M rows, each held whole as PER_ROW segments of SEGMENT columns; a program
-    walks groups pid, pid + programs, ..., so a factor loaded once serves many rows (with LEFT, the padded
-    outer factor's size = PER_ROW, one row per group). Two passes (TWO_PASS): one row per group, read in
-    chunks of PER_ROW segments twice. Tiles are loaded in their [segments, SEGMENT] shape: reshaping a row
+    walks groups pid, pid + programs, ..., so a factor loaded once serves many rows (LEFT: the size of the
+    block-diagonal outer factor for a group, BLOCK_M * PER_ROW). Two passes (TWO_PASS): one row per group,
+    read in chunks of PER_ROW segments twice. Tiles are loaded in their [segments, SEGMENT] shape: reshaping a row
     tile into that shape instead made the tensor-core dot sum wrongly on the H100 (Triton 3.6;
     experiments/check_hadamard_dot.py)."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
