@@ -42,11 +42,11 @@ RESIDENT_OUTER_STAGES = 2
 RESIDENT_OUTER_WARPS = 8   # at least; 1K values per warp
 RESIDENT_OUTER_PROGRAMS_PER_SM = 2
 # Launch of the split-tile kernel (left_split), e.g. the 172 = 128 + 64 outer factor of 11008: the factor
-# takes 72 KiB of shared memory, and registers allow one 16-warp program per SM (110 regs/thread, sm_90),
-# whose row loop is pipelined 3 deep. H100, M=16384 (docs/kernels.md): 1.20-1.24 ms; 2 stages 1.29-1.31 ms,
-# 1 stage 1.49 ms; 2 rows per step 1.43 ms (spills); 8 warps at 2 stages 1.22 ms (not tried at 3).
+# takes 72 KiB of shared memory and about 200 regs/thread at 8 warps (sm_90): one program per SM, whose row
+# loop is pipelined 3 deep. H100, M=16384 (docs/kernels.md): 1.07-1.08 ms; 16 warps 1.20-1.24 ms (1.29-1.31
+# at 2 stages, 1.49 at 1); 2 rows per step spills (1.43 ms).
 SPLIT_OUTER_PROGRAMS_PER_SM = 1
-SPLIT_OUTER_WARPS = 16
+SPLIT_OUTER_WARPS = 8
 SPLIT_OUTER_STAGES = 3
 SPLIT_OUTER_TOKENS = 1
 
