@@ -31,7 +31,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from baseq.hadamard import hadamard_matrix, kronecker_factors
 from baseq_kernels import (OnlineHadamard, activation, dequantize_kv, kv_cache_round_trip, pack_int4,
-                           quantize_activations, quantize_kv, rotate_heads, w4a4_matmul)
+                           quantize_activations, quantize_kv, rotate_heads, unpack_int4_codes, w4a4_matmul)
 from baseq_kernels.gemm import _w4a4_decode, _w4a4_prefill
 
 SHAPES = {  # name: (N, K) of y = x W^T
@@ -101,7 +101,8 @@ def bench_gemm(m: int, n: int, k: int) -> dict:
 
 
 def bench_weight_layouts(m: int, n: int, k: int) -> dict:
-    """Packed int4 weights (unpacked in registers) against int8-stored codes (no unpacking) at one shape."""
+    """Packed int4 weights as the runtime stores them (from UNPACK_MIN_M tokens: an unpack pass, then the int8
+    GEMM) against int8-stored codes (the GEMM alone), and the unpack pass alone, at one shape."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     codes_w, w_scale, packed, w_sum = random_w4(n, k)
     xq, xs, xo = quantize_activations(x)
@@ -112,8 +113,10 @@ def bench_weight_layouts(m: int, n: int, k: int) -> dict:
     t_bf16 = median_ms(lambda: F.linear(x, w_bf16))
     t_packed = median_ms(lambda: w4a4_matmul(xq, xs, xo, packed, w_scale, w_sum))
     t_int8 = median_ms(lambda: w4a4_matmul(xq, xs, xo, int8_w, w_scale, w_sum))
+    t_unpack = median_ms(lambda: unpack_int4_codes(packed))
     cfg = _w4a4_prefill.best_config
     return {"m": m, "n": n, "k": k, "bf16_ms": t_bf16, "packed_ms": t_packed, "int8_ms": t_int8,
+            "unpack_ms": t_unpack,
             "packed_speedup": t_bf16 / t_packed, "int8_speedup": t_bf16 / t_int8, "identical": same,
             "int8_config": f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"}
 
@@ -211,7 +214,9 @@ def main() -> None:
                         help="also time the quantizer's launch variants (QUANTIZER_VARIANTS) at M=16384")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--layouts-only", action="store_true",
-                        help="only the packed-vs-int8 weight comparison (Llama-2-7B shapes, M=8192)")
+                        help="only the packed-vs-int8 weight comparison (Llama-2-7B shapes)")
+    parser.add_argument("--layout-ms", type=int, nargs="+", default=[8192],
+                        help="token counts of the weight-layout comparison (default 8192)")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.time()
@@ -224,10 +229,13 @@ def main() -> None:
           f"TFLOP/s", flush=True)
     layouts = []
     for name, (n, k) in ({} if args.skip_layouts else SHAPES["llama2-7b"]).items():
-        row = {"layer": name, **bench_weight_layouts(8192, n, k)}
-        layouts.append(row)
-        print(f"layout {name:8s} M=8192 bf16 {row['bf16_ms']:.4f} ms  packed int4 x{row['packed_speedup']:.2f}  "
-              f"int8-stored x{row['int8_speedup']:.2f}  identical={row['identical']}  {row['int8_config']}", flush=True)
+        for m in args.layout_ms:
+            row = {"layer": name, **bench_weight_layouts(m, n, k)}
+            layouts.append(row)
+            print(f"layout {name:8s} M={m:5d} bf16 {row['bf16_ms']:.4f} ms  packed int4 {row['packed_ms']:.4f} ms "
+                  f"x{row['packed_speedup']:.2f}  int8-stored {row['int8_ms']:.4f} ms x{row['int8_speedup']:.2f}  "
+                  f"unpack alone {row['unpack_ms']:.4f} ms  identical={row['identical']}  {row['int8_config']}",
+                  flush=True)
     result["weight_layouts"] = layouts
     if args.layouts_only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
