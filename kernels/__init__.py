@@ -19,4 +19,5 @@ from .gemm import pack_int4, unpack_int4_codes, unpack_int4_reference, w4a4_matm
 from .kv_cache import dequantize_kv, kv_cache_round_trip, quantize_kv, rotate_heads
 
 __all__ = ["PACK_GROUP", "interpreting", "OnlineHadamard", "quantize_activations", "pack_int4", "unpack_int4_codes",
-           "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv", "kv_cache_round_trip", "rotate_heads"]
+           "unpack_int4_reference", "w4a4_matmul", "quantize_kv", "dequantize_kv", "kv_cache_round_trip",
+           "rotate_heads"]

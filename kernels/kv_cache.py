@@ -8,6 +8,8 @@ queries rotated in one pass (`rotate_heads`), instead of a matmul that first cop
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -117,7 +119,7 @@ def _kv_pass(x: torch.Tensor, mode: str, clip: float = 1.0, bias: torch.Tensor |
     clip = float(torch.tensor(float(clip)).to(x.dtype))
     _kv_pass_kernel[(triton.cdiv(rows, _ROWS),)](
         x, packed, scale, zero, bias if bias is not None else x, out, hadamard if hadamard is not None else x,
-        rows, h, s, x.stride(0), x.stride(1), x.stride(2), clip, d ** -0.5,
+        rows, h, s, x.stride(0), x.stride(1), x.stride(2), clip, 1.0 / math.sqrt(d),   # as hadamard_transform
         HAS_BIAS=bias is not None, D=d, ROWS=_ROWS, MODE=mode, ROTATE=hadamard is not None,
         # bf16/fp16 values and +-1 are exact tensor-core operands; fp32 ones are not exact in tf32
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "native")
