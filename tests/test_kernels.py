@@ -153,10 +153,16 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias, with_h
     keys = hadamard_transform(x) if with_hadamard else x   # R3 as AttentionQuantizer applies it
     expected = fake_quantize_asymmetric(keys, 4, clip) if bias is None else \
         fake_quantize_asymmetric(keys - bias[:, None], 4, clip) + bias[:, None]
-    # equal but where torch's host division by 15 rounds a scale differently in its last bit (and, with
-    # R3, where the kernel's dot sums in another order)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 if with_hadamard else 1e-6,
-                               msg=f"seed {gen.initial_seed()}")
+    if with_hadamard:
+        # the kernel's dot sums R3 in another order than hadamard_transform: values agree to rounding, except
+        # that a code sitting on a rounding boundary may move by one step (its row's scale)
+        diff = (out - expected).abs()
+        step = scale.cpu()[..., None]
+        assert (diff <= 1.01 * step + 1e-5).all() and (diff > 1e-5).float().mean() < 1e-2, \
+            f"seed {gen.initial_seed()}"
+    else:
+        # equal but where torch's host division by 15 rounds a scale differently in its last bit
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
     # the one-pass round trip is the same computation, to the bit
     one_pass = kv_cache_round_trip(x.to(DEVICE), 0.95, on(bias), on(hadamard)).cpu()
     assert torch.equal(one_pass, out), f"seed {gen.initial_seed()}"
