@@ -147,10 +147,9 @@ def bench_quantizer(m: int, k: int, online: bool, bandwidth: float, fuse_outer: 
 QUANTIZER_VARIANTS = [
     {},  # the defaults
     {"SINGLE_PASS_MAX_K": 16384},  # K=11008 without a Hadamard in one pass (the first kernel's layout)
-    # the 172 outer factor of 11008 (split tiles): pipeline depth, warps, rows per step
+    # the 172 outer factor of 11008 (split tiles): pipeline depth, warps
     {"SPLIT_OUTER_STAGES": 2}, {"SPLIT_OUTER_STAGES": 4},
-    {"SPLIT_OUTER_WARPS": 8}, {"SPLIT_OUTER_WARPS": 8, "SPLIT_OUTER_STAGES": 4},
-    {"SPLIT_OUTER_TOKENS": 2, "SPLIT_OUTER_STAGES": 2},
+    {"SPLIT_OUTER_WARPS": 16}, {"SPLIT_OUTER_WARPS": 16, "SPLIT_OUTER_STAGES": 4},
     # the 32 outer factor of 4096: resident programs per SM, or one program per row group
     {"RESIDENT_OUTER_PROGRAMS_PER_SM": 1}, {"RESIDENT_OUTER_PROGRAMS_PER_SM": 3},
     {"RESIDENT_OUTER_PROGRAMS_PER_SM": 4}, {"RESIDENT_OUTER_MIN": 256},

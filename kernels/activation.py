@@ -48,7 +48,6 @@ RESIDENT_OUTER_PROGRAMS_PER_SM = 2
 SPLIT_OUTER_PROGRAMS_PER_SM = 1
 SPLIT_OUTER_WARPS = 8
 SPLIT_OUTER_STAGES = 3
-SPLIT_OUTER_TOKENS = 1
 
 
 @dataclass(frozen=True)
@@ -149,35 +148,30 @@ def _quantize_split_outer_kernel(
     x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, mult_ptr, inner_ptr, left_ptr,
     M, K, KP, stride_xm, stride_cm, clip, had_norm,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    P1: tl.constexpr, P2: tl.constexpr, SEGMENT: tl.constexpr, TOKENS: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr, SEGMENT: tl.constexpr,
 ):
-    """TOKENS rows per step, their segments split into a first tile of P1 and a second of P2 (powers of
-    two): the outer factor (e.g. 172 = 128 + 44 -> 128 + 64) is applied as four blocks of the [P1 + P2]^2
-    left factor instead of one [256, 256] dot, 44% fewer MMAs for 172. A tile is [segments, TOKENS *
-    SEGMENT], the rows side by side, so the outer factor's dots have TOKENS times the MMA width and the inner
-    factor is the block-diagonal kron(I_TOKENS, inner); no tile is reshaped. The factors are loaded once per
-    program; programs loop over row groups."""
+    """One row per step, its segments split into a first tile of P1 and a second of P2 (powers of two): the
+    outer factor (e.g. 172 = 128 + 44 -> 128 + 64) is applied as four blocks of the [P1 + P2]^2 left factor
+    instead of one [256, 256] dot, 44% fewer MMAs for 172. The factors are loaded once per program; programs
+    loop over rows. (Two rows side by side per step, for wider MMAs, spilled and ran slower on the H100.)"""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     P: tl.constexpr = P1 + P2
     first = tl.arange(0, P1)
     second = P1 + tl.arange(0, P2)
-    c = tl.arange(0, TOKENS * SEGMENT)
-    token, q = c // SEGMENT, c % SEGMENT
-    cols1 = first[:, None] * SEGMENT + q[None, :]   # column within the row
+    q = tl.arange(0, SEGMENT)
+    cols1 = first[:, None] * SEGMENT + q[None, :]
     cols2 = second[:, None] * SEGMENT + q[None, :]
     ok1 = cols1 < K
     ok2 = cols2 < K
-    inner = tl.load(inner_ptr + q[:, None] * SEGMENT + q[None, :], mask=token[:, None] == token[None, :], other=0.0)
+    inner = tl.load(inner_ptr + q[:, None] * SEGMENT + q[None, :])
     l11 = tl.load(left_ptr + first[:, None] * P + first[None, :])
     l12 = tl.load(left_ptr + first[:, None] * P + second[None, :])
     l21 = tl.load(left_ptr + second[:, None] * P + first[None, :])
     l22 = tl.load(left_ptr + second[:, None] * P + second[None, :])
-    for group in range(tl.program_id(0), tl.cdiv(M, TOKENS), tl.num_programs(0)):
-        rows = group * TOKENS + token
-        row_ok = (rows < M)[None, :]
-        row_x = rows[None, :].to(tl.int64) * stride_xm
-        x1 = tl.load(x_ptr + row_x + cols1, mask=ok1 & row_ok, other=0.0)
-        x2 = tl.load(x_ptr + row_x + cols2, mask=ok2 & row_ok, other=0.0)
+    for row in range(tl.program_id(0), M, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        x1 = tl.load(x_ptr + row64 * stride_xm + cols1, mask=ok1, other=0.0)
+        x2 = tl.load(x_ptr + row64 * stride_xm + cols2, mask=ok2, other=0.0)
         # rounded to the input dtype in between, as the reference's two-factor transform does
         y1 = (_hadamard_dot(l11, x1, DOT_PRECISION) + _hadamard_dot(l12, x2, DOT_PRECISION)).to(DTYPE)
         y2 = (_hadamard_dot(l21, x1, DOT_PRECISION) + _hadamard_dot(l22, x2, DOT_PRECISION)).to(DTYPE)
@@ -185,27 +179,18 @@ def _quantize_split_outer_kernel(
                           DOT_PRECISION, DTYPE)
         y2 = _after_outer(y2, bias_ptr, mult_ptr, inner, cols2, ok2, had_norm, HAS_BIAS, HAS_SCALE, SEGMENT,
                           DOT_PRECISION, DTYPE)
-        # per-row grids: one masked reduction per row of the group, broadcast back along the columns
-        col_scale = tl.zeros((TOKENS * SEGMENT,), tl.float32)
-        col_zero = tl.zeros((TOKENS * SEGMENT,), tl.float32)
-        for t in tl.static_range(TOKENS):
-            in1 = ok1 & (token == t)[None, :]
-            in2 = ok2 & (token == t)[None, :]
-            xmax = tl.maximum(tl.max(tl.max(tl.where(in1, y1, float("-inf")), axis=1), axis=0),
-                              tl.max(tl.max(tl.where(in2, y2, float("-inf")), axis=1), axis=0))
-            xmin = tl.minimum(tl.min(tl.min(tl.where(in1, y1, float("inf")), axis=1), axis=0),
-                              tl.min(tl.min(tl.where(in2, y2, float("inf")), axis=1), axis=0))
-            scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
-            col_scale = tl.where(token == t, scale, col_scale)
-            col_zero = tl.where(token == t, zero, col_zero)
-            row = group * TOKENS + t
-            tl.store(scale_ptr + row, scale, mask=row < M)
-            tl.store(offset_ptr + row, scale * (8.0 - zero), mask=row < M)
-        codes1 = asymmetric_code(y1, col_scale[None, :], col_zero[None, :], 15, DTYPE) - 8.0
-        codes2 = asymmetric_code(y2, col_scale[None, :], col_zero[None, :], 15, DTYPE) - 8.0
-        row_c = codes_ptr + rows[None, :].to(tl.int64) * stride_cm
-        tl.store(row_c + cols1, tl.where(ok1, codes1, 0.0).to(tl.int8), mask=(cols1 < KP) & row_ok)
-        tl.store(row_c + cols2, tl.where(ok2, codes2, 0.0).to(tl.int8), mask=(cols2 < KP) & row_ok)
+        xmax = tl.maximum(tl.max(tl.max(tl.where(ok1, y1, float("-inf")), axis=1), axis=0),
+                          tl.max(tl.max(tl.where(ok2, y2, float("-inf")), axis=1), axis=0))
+        xmin = tl.minimum(tl.min(tl.min(tl.where(ok1, y1, float("inf")), axis=1), axis=0),
+                          tl.min(tl.min(tl.where(ok2, y2, float("inf")), axis=1), axis=0))
+        scale, zero = asymmetric_grid(xmin, xmax, clip, 15, DTYPE)
+        codes1 = asymmetric_code(y1, scale, zero, 15, DTYPE) - 8.0
+        codes2 = asymmetric_code(y2, scale, zero, 15, DTYPE) - 8.0
+        row_c = codes_ptr + row64 * stride_cm
+        tl.store(row_c + cols1, tl.where(ok1, codes1, 0.0).to(tl.int8), mask=cols1 < KP)
+        tl.store(row_c + cols2, tl.where(ok2, codes2, 0.0).to(tl.int8), mask=cols2 < KP)
+        tl.store(scale_ptr + row, scale)
+        tl.store(offset_ptr + row, scale * (8.0 - zero))
 
 
 @triton.jit
@@ -316,8 +301,7 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
             x, codes, tok_scale, tok_offset, bias if bias is not None else x, scale if scale is not None else x,
             inner, left, m, k, kp, x.stride(0), codes.stride(0), clip, had_norm,
             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, DOT_PRECISION=precision, P1=first, P2=second,
-            SEGMENT=inner_size, TOKENS=SPLIT_OUTER_TOKENS, num_warps=4 if interpreting() else SPLIT_OUTER_WARPS,
-            num_stages=SPLIT_OUTER_STAGES)
+            SEGMENT=inner_size, num_warps=4 if interpreting() else SPLIT_OUTER_WARPS, num_stages=SPLIT_OUTER_STAGES)
         return codes, tok_scale, tok_offset
     stages = 3   # Triton's default
     if left_size:   # whole rows in one program, the outer factor applied in it
@@ -325,12 +309,10 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         per_row = left_size // block_m
         resident = left_size >= RESIDENT_OUTER_MIN and not interpreting()
         if resident:
-            warps = max(RESIDENT_OUTER_WARPS, min(16, left_size * segment // 1024))
-            stages = RESIDENT_OUTER_STAGES
+            warps, stages = _warps_for(left_size * segment, RESIDENT_OUTER_WARPS), RESIDENT_OUTER_STAGES
             programs = min(triton.cdiv(m, block_m), RESIDENT_OUTER_PROGRAMS_PER_SM * _sm_count(x.device))
         else:
-            warps = 4 if interpreting() else min(16, max(4, left_size * segment // 1024))
-            programs = triton.cdiv(m, block_m)
+            warps, programs = _warps_for(left_size * segment), triton.cdiv(m, block_m)
     else:
         segment = inner_size or PACK_GROUP
         block_k = triton.next_power_of_2(kp)
@@ -339,7 +321,7 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
             block_m, per_row, warps = 1, max(1, CHUNK_VALUES // segment), 4
         else:
             block_m = max(1, (4 if interpreting() else 1) * _TILE // block_k)
-            per_row, warps = block_k // segment, 4 if interpreting() else min(16, max(4, block_m * block_k // 1024))
+            per_row, warps = block_k // segment, _warps_for(block_m * block_k)
         programs = triton.cdiv(m, block_m)
     _quantize_activation_kernel[(max(programs, 1),)](
         x, codes, tok_scale, tok_offset,
@@ -349,6 +331,11 @@ def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor 
         DOT_PRECISION=precision, BLOCK_M=block_m, PER_ROW=per_row, SEGMENT=segment, TWO_PASS=two_pass,
         num_warps=warps, num_stages=stages)
     return codes, tok_scale, tok_offset
+
+
+def _warps_for(values: int, at_least: int = 4) -> int:
+    """num_warps for a program holding `values` values at once: about 1K per warp, 4 to 16."""
+    return 4 if interpreting() else min(16, max(at_least, values // 1024))
 
 
 _SM_COUNT: dict = {}

@@ -339,7 +339,8 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
 def kronecker_factors(n: int, max_inner: int = 128) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(outer, inner), +-1 matrices (float64), with kron(outer, inner) = hadamard_matrix(n); inner is the
     largest Sylvester block of at most max_inner that divides n's power-of-two part, outer is None when it
-    would be 1x1. This is the split the fused quantizer kernel runs: inner in the kernel, outer before it."""
+    would be 1x1. This is the split the fused quantizer kernel runs: inner on each block of that size, outer
+    across the blocks."""
     n = _check_size(n)
     split = _split(n)
     if split is None:
