@@ -115,17 +115,18 @@ def _hadamard_dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _after_outer(x, bias_ptr, mult_ptr, inner, cols, mask, had_norm, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                  INNER: tl.constexpr, DOT_PRECISION: tl.constexpr, DTYPE: tl.constexpr):
-    """The inner Hadamard, bias and scale on a [segments, SEGMENT] tile, as fp32 values rounded to DTYPE (the
+    """The inner Hadamard, scale and bias on a [segments, SEGMENT] tile, as fp32 values rounded to DTYPE (the
     input's) after each op, as the fake quantizer computes them."""
     if INNER > 0:
         # the reference transform computes in fp32 and returns the input's dtype
         x = as_dtype(_hadamard_dot(x, inner, DOT_PRECISION) * had_norm, DTYPE)
     else:
         x = x.to(tl.float32)
-    if HAS_BIAS:
-        x = as_dtype(x - tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    # BASE-Q's Eq. 15: the unpaired scale first, then the bias (S^a x - B), as quant.ActivationQuantizer
     if HAS_SCALE:
         x = as_dtype(x * tl.load(mult_ptr + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    if HAS_BIAS:
+        x = as_dtype(x - tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
     return x
 
 
@@ -259,7 +260,7 @@ def _quantize_activation_kernel(
 def quantize_activations(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
                          scale: torch.Tensor | None = None, hadamard: OnlineHadamard | None = None,
                          hadamard_precision: str | None = None):
-    """Per-token asymmetric 4-bit quantization of x [M, K] after an optional Hadamard, bias and scale.
+    """Per-token asymmetric 4-bit quantization of (x H) * scale - bias, x [M, K], H an optional Hadamard.
 
     hadamard: an OnlineHadamard for rows of K, or None.
     hadamard_precision: the in-kernel dots: "native" (tensor cores on the input dtype; the default for

@@ -29,7 +29,7 @@ def _row_pointers(rows, H, S, stride_b, stride_h, stride_s):
 
 @triton.jit
 def _kv_pass_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, had_ptr, R, H, S, stride_b, stride_h,
-                    stride_s, clip, had_norm, HAS_BIAS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                    stride_s, clip_ptr, had_norm, HAS_BIAS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
                     MODE: tl.constexpr, ROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """ROWS (token, head) rows, read whole, optionally rotated by the head Hadamard first (ROTATE), then by MODE:
     "codes" writes the packed cache, "round_trip" the dequantized values attention reads back from it
@@ -57,6 +57,7 @@ def _kv_pass_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, h
         if HAS_BIAS:
             bias = tl.load(bias_ptr + head[:, None] * D + col[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             x = as_dtype(x - bias, DTYPE)
+        clip = tl.load(clip_ptr + head, mask=ok, other=1.0)   # one clip ratio per head
         scale, zero = asymmetric_grid(tl.min(x, axis=1), tl.max(x, axis=1), clip, 15, DTYPE)
         codes = asymmetric_code(x, scale[:, None], zero[:, None], 15, DTYPE)
         if MODE == "round_trip":
@@ -98,7 +99,16 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"KV4 kernels need a power-of-two head_dim, got {d}")
 
 
-def _kv_pass(x: torch.Tensor, mode: str, clip: float = 1.0, bias: torch.Tensor | None = None,
+def _head_clips(clip: float | torch.Tensor, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One clip ratio per head (a scalar is shared), rounded to the activations' dtype as the fake quantizer
+    applies it, held in fp32 for the kernel."""
+    clip = torch.as_tensor(clip, dtype=torch.float32).flatten().to(dtype).float()
+    if clip.numel() not in (1, heads):
+        raise ValueError(f"KV clip needs one value or one per head ({heads}), got {clip.numel()}")
+    return clip.expand(heads).contiguous().to(device)
+
+
+def _kv_pass(x: torch.Tensor, mode: str, clip: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None,
              hadamard: torch.Tensor | None = None):
     check_device(x)
     b, h, s, d = x.shape
@@ -116,17 +126,17 @@ def _kv_pass(x: torch.Tensor, mode: str, clip: float = 1.0, bias: torch.Tensor |
         zero = torch.empty_like(scale)
     else:
         out = torch.empty(b, h, s, d, dtype=x.dtype, device=x.device)
-    clip = float(torch.tensor(float(clip)).to(x.dtype))
+    clips = _head_clips(clip, h, x.dtype, x.device)
     _kv_pass_kernel[(triton.cdiv(rows, _ROWS),)](
         x, packed, scale, zero, bias if bias is not None else x, out, hadamard if hadamard is not None else x,
-        rows, h, s, x.stride(0), x.stride(1), x.stride(2), clip, 1.0 / math.sqrt(d),   # as hadamard_transform
+        rows, h, s, x.stride(0), x.stride(1), x.stride(2), clips, 1.0 / math.sqrt(d),   # as hadamard_transform
         HAS_BIAS=bias is not None, D=d, ROWS=_ROWS, MODE=mode, ROTATE=hadamard is not None,
         # bf16/fp16 values and +-1 are exact tensor-core operands; fp32 ones are not exact in tf32
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "native")
     return (packed, scale, zero) if mode == "codes" else out
 
 
-def quantize_kv(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
+def quantize_kv(x: torch.Tensor, clip: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None,
                 hadamard: torch.Tensor | None = None):
     """x [B, H, S, D] (any strides, D contiguous) -> (packed uint8 [B, H, S, D/2], scale fp32 [B, H, S],
     zero fp32 [B, H, S]). bias: [H, D] in x's dtype, subtracted before quantization. hadamard: the +-1
@@ -134,7 +144,7 @@ def quantize_kv(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = 
     return _kv_pass(x, "codes", clip, bias, hadamard)
 
 
-def kv_cache_round_trip(x: torch.Tensor, clip: float = 1.0, bias: torch.Tensor | None = None,
+def kv_cache_round_trip(x: torch.Tensor, clip: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None,
                         hadamard: torch.Tensor | None = None) -> torch.Tensor:
     """dequantize_kv(*quantize_kv(x, clip, bias, hadamard), x.dtype, bias) in one pass: the values attention
     reads back from the 4-bit cache, contiguous [B, H, S, D], without materializing the codes (prefill and

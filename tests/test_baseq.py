@@ -5,14 +5,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baseq.config import BaseQConfig, LearningRates, QuantConfig, register_configs
+from baseq.config import BaseQConfig, GPTQConfig, LearningRates, QuantConfig, register_configs
 from baseq.equivalence import BlockTransforms
 from baseq.methods import METHODS
 from baseq.methods.base import MethodContext
 from baseq.methods.quarot import apply_rotations
 from baseq.models.families import family_of
 from baseq.modules import QuantLinear
-from baseq.quant import ActivationQuantizer
+from baseq.quant import ActivationQuantizer, learned_clip
 from baseq.quantize import attach_quantizers
 from conftest import tiny_llama, tiny_qwen2
 
@@ -96,8 +96,15 @@ def run_baseq(seed=0, **overrides):
 def test_training_lowers_block_error_and_is_deterministic():
     model, ids, report = run_baseq()
     for entry in report["blocks"]:
-        assert entry["final_mse"] < entry["stage1_mse_before"]
+        # trained on the quantized model's own inputs (the default): its error there goes down
+        assert entry["final_mse_quantized_inputs"] < entry["stage1_mse_before"]
         assert entry["stage2_loss"][-1] <= entry["stage2_mse_before"]
+        # what training left is in the record: clips (one per KV head), bias norms, scale ranges
+        learned = entry["learned"]
+        assert set(learned) == {"q_proj", "o_proj", "gate_proj", "down_proj", "k_cache", "v_cache"}
+        assert len(learned["k_cache"]["clip"]) == 2 and learned["down_proj"]["bias_norm"] > 0
+        assert learned["down_proj"]["scale_min"] <= learned["down_proj"]["scale_max"]
+        assert "v_o" in entry["paired_scales"] and entry["paired_scales"]["rv_distance_from_init"] > 0
     # the online tensors the kernels need are explicit per layer, and the compensation is fused
     down = model.model.layers[0].mlp.down_proj
     assert down.act_quantizer.bias is not None and down.act_quantizer.scale is not None
@@ -110,7 +117,7 @@ def test_ablation_switches_turn_components_off():
     model, _, report = run_baseq(learn_rv=False, bias=False, unpaired_scale=False, paired_scale=False,
                                  learn_clip=False)
     q = model.model.layers[0].mlp.down_proj.act_quantizer
-    assert q.bias is None and q.scale is None and not isinstance(q.clip_ratio, torch.nn.Parameter)
+    assert q.bias is None and q.scale is None and learned_clip(q) is None
     assert "stage1_loss" not in report["blocks"][0] and "stage2_loss" not in report["blocks"][0]
 
 
@@ -119,3 +126,72 @@ def test_diverging_training_stops_with_an_error_naming_block_and_stage():
 
     with pytest.raises(TrainingDivergedError, match=r"block 0 stage 1"):
         run_baseq(lr=LearningRates(scale=float("inf"), clip=float("inf"), rotation=float("inf")))
+
+
+def test_more_epochs_lower_the_training_loss_and_heldout_windows_are_reported():
+    ids = torch.randint(0, 256, (6, 48), generator=torch.Generator().manual_seed(1))
+    reports = {}
+    for epochs in (1, 4):
+        torch.manual_seed(123)
+        model = tiny_llama(hidden=64, ffn=192, heads=4, kv_heads=2, layers=1, dtype=torch.float32)
+        ctx = make_ctx(ids, stage1_epochs=epochs, stage2_epochs=epochs, train_batch_size=1, heldout_samples=2)
+        METHODS["baseq"](model, family_of(model), ctx)
+        reports[epochs] = ctx.report["blocks"][0]
+    assert reports[4]["final_mse_fp_inputs"] < reports[1]["final_mse_fp_inputs"]
+    for entry in reports.values():
+        assert entry["heldout_mse_fp_inputs"] > 0 and entry["heldout_mse_quantized_inputs"] > 0
+
+
+def test_token_normalized_loss_weighs_every_token_alike():
+    from baseq.training import block_loss
+
+    target = torch.randn(1, 4, 8)
+    target[0, 0] *= 100           # one loud token
+    out = target * 1.1            # the same relative error on every token
+    assert block_loss("token_normalized_mse", out, target).item() == pytest.approx(0.01, rel=1e-5)
+    loud_only = target.clone()
+    loud_only[0, 0] *= 1.1
+    # under the plain MSE the loud token's error alone is almost all of it
+    assert block_loss("mse", loud_only, target) > 0.99 * block_loss("mse", out, target)
+    with pytest.raises(ValueError, match="unknown block loss"):
+        block_loss("l1", out, target)
+
+
+def test_authors_recipe_runs_and_says_what_it_could_not_apply():
+    _, _, report = run_baseq(residual_rotation="hadamard_unsigned", rv_init="identity", bias_init="zero",
+                             stage1_quantizers="down_proj", loss="token_normalized_mse",
+                             gptq=GPTQConfig(act_order=True, normalize_tokens=True, nsamples=2),
+                             lr=LearningRates(eta_min_stage1=3e-5, eta_min_stage2=3e-6))
+    # hidden 64 is a power of two: the plain Sylvester matrix applies and nothing needs saying
+    assert "notes" not in report
+    torch.manual_seed(123)
+    model = tiny_llama(hidden=48, ffn=192, heads=3, kv_heads=1, layers=1, dtype=torch.float32)
+    ctx = make_ctx(torch.randint(0, 256, (2, 16)), stage1_epochs=1, stage2_epochs=1, train_batch_size=1,
+                   residual_rotation="hadamard_unsigned", o_proj_hadamard="cross_heads")
+    METHODS["baseq"](model, family_of(model), ctx)
+    notes = ctx.report["notes"]
+    assert any("no Sylvester Hadamard of order 48" in n and "H_12 (x) H_4" in n for n in notes)
+    assert any("no Hadamard of order 3" in n for n in notes)
+
+
+@pytest.mark.parametrize("mode", ["cross_heads", "full"])
+def test_paired_scales_and_rv_stay_exact_with_an_online_o_proj_hadamard(mode):
+    model = tiny_qwen2(hidden=64, ffn=192, heads=4, kv_heads=2, layers=2)
+    family = family_of(model)
+    ids = torch.randint(0, 256, (2, 19))
+    reference = logits(model, ids)
+    attach_quantizers(model, family, 16, 16, 1.0, 1.0)
+    apply_rotations(model, family, CPU, seed=0, o_proj_hadamard=mode)
+    o_proj = family.blocks(model)[0].self_attn.o_proj
+    assert (o_proj.online_head_groups == 4) if mode == "cross_heads" else o_proj.online_hadamard
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
+    for block in family.blocks(model):
+        t = BlockTransforms(block, family, head_dim=16, paired_scale=True, learn_rv=True, rv_per_kv_head=True).double()
+        with torch.no_grad():
+            for p in t.scale_parameters():
+                p.uniform_(-1.5, 1.5)
+            for p in t.rotation_parameters():
+                p.normal_(0, 0.5)
+        torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
+        t.fuse()
+    torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)

@@ -3,8 +3,12 @@
 import torch
 
 from baseq.gptq import HessianAccumulator, gptq_quantize
-from baseq.quant import (ActivationQuantizer, KVQuantizer, asymmetric_codes, fake_quantize_asymmetric,
-                         fake_quantize_symmetric, mse_weight_scale, quantize_symmetric, symmetric_weight_scale)
+import pytest
+
+from baseq.modules import QuantLinear
+from baseq.quant import (ActivationQuantizer, KVQuantizer, asymmetric_codes, effective_clip, fake_quantize_asymmetric,
+                         fake_quantize_symmetric, learned_clip, mse_weight_scale, quantize_symmetric,
+                         symmetric_weight_scale)
 
 
 def test_symmetric_weight_grid_is_per_channel_int4():
@@ -60,18 +64,63 @@ def test_ste_passes_gradients_and_clip_is_learnable():
     x = torch.randn(10, 32, requires_grad=True)
     q(x).pow(2).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    for p in (q.clip_ratio, q.bias, q.scale):
+    for p in (learned_clip(q), q.bias, q.scale):
         assert p.grad is not None and p.grad.abs().sum() > 0
+    assert effective_clip(q, torch.float32).item() == pytest.approx(0.9)
 
 
-def test_activation_quantizer_applies_bias_then_scale():
+@pytest.mark.parametrize("clip", [0.05, 0.3, 0.999])
+def test_learned_clip_keeps_its_gradient_at_and_beyond_the_old_bounds(clip):
+    # the old clamp to [0.3, 1.0] gave a clip at or past a bound no gradient; the sigmoid never does
+    q = ActivationQuantizer(64, bits=4, clip_ratio=clip, learn_clip=True)
+    x = torch.randn(32, 64)
+    (q(x) - x).pow(2).sum().backward()
+    assert learned_clip(q).grad.abs().item() > 0
+    with torch.no_grad():
+        learned_clip(q).fill_(40.0)   # far past 1 in logit space: still strictly inside (0, 1]
+    assert 0 < effective_clip(q, torch.float32).item() <= 1
+
+
+def test_learned_kv_clip_is_one_per_head():
+    q = KVQuantizer(4, clip_ratio=0.9, learn_clip=True, heads=3)
+    assert learned_clip(q).shape == (3, 1, 1)
+    k = torch.randn(2, 3, 7, 16)
+    (q(k) - k).pow(2).sum().backward()
+    assert (learned_clip(q).grad.abs().flatten() > 0).all()
+    with torch.no_grad():
+        learned_clip(q)[1] = -3.0   # a tight clip on head 1 only
+    deq = q(k)
+    expected = fake_quantize_asymmetric(k[:, 1], 4, torch.sigmoid(torch.tensor(-3.0)))
+    torch.testing.assert_close(deq[:, 1], expected)
+    torch.testing.assert_close(deq[:, 0], fake_quantize_asymmetric(k[:, 0], 4, 0.9))
+
+
+def test_activation_quantizer_applies_scale_then_bias():
+    # Eq. 15: the quantized tensor is S^a x - B
     q = ActivationQuantizer(8, bits=16)
     q.add_bias(torch.full((8,), 2.0))
     q.add_scale()
     with torch.no_grad():
         q.scale.fill_(3.0)
     x = torch.randn(4, 8)
-    assert torch.allclose(q(x), (x - 2) * 3)
+    assert torch.allclose(q(x), x * 3 - 2)
+
+
+def test_eq15_bias_leaves_exactly_the_unpaired_scale():
+    # with activation quantization off the layer computes W_q S^a x + b, for any B: the bias has no residue
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8).double()
+    q = ActivationQuantizer(32, bits=16)
+    q.add_bias(torch.randn(32))
+    q.add_scale()
+    with torch.no_grad():
+        q.scale.uniform_(0.5, 2.0)
+    layer = QuantLinear(linear, q).double()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x * q.scale.double(), linear.weight, linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    layer.fuse_activation_bias()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
 
 
 def test_kv_quantizer_is_per_token_per_head():

@@ -59,7 +59,7 @@ def test_default_method_is_baseq_and_training_reaches_the_record(tiny_model_dirs
     [rec] = records(tmp_path)
     assert rec["status"] == "done" and rec["method"] == "baseq"
     blocks = rec["metrics"]["method_report"]["blocks"]
-    assert len(blocks) == 2 and all(b["final_mse"] > 0 for b in blocks)
+    assert len(blocks) == 2 and all(b["final_mse_quantized_inputs"] > 0 for b in blocks)
     assert rec["timings_s"]["quantize.stage1"] > 0 and rec["timings_s"]["quantize.stage2"] > 0
     assert set(rec["metrics"]["compare"]) == {"fp"}
 
@@ -79,6 +79,8 @@ def test_missing_model_path_fails_with_one_line_and_failed_record(tiny_data_root
     (["device=gpu"], "gpu"),
     (["calib.nsamplez=3"], "nsamplez"),
     (["quant.a_bits=5.5"], "a_bits"),
+    (["method.act_clip_ratio=1.0"], "learned clip is a sigmoid"),
+    (["method.loss=l1"], "loss"),
 ])
 def test_bad_config_fails_before_loading(args, expected, tmp_path):
     out = run([f"results_dir={tmp_path}", *args], timeout=120)
@@ -130,3 +132,21 @@ def test_kernels_eval_without_a_gpu_is_one_line(tiny_model_dirs, tiny_data_root,
     assert "eval.kernels=true" in out.stderr and "Traceback" not in out.stderr
     [rec] = records(tmp_path)
     assert rec["status"] == "failed"
+
+
+def test_authors_recipe_and_quarot_record_what_could_not_apply(tiny_model_dirs, tiny_data_root, tmp_path):
+    # tiny models: hidden 64, 4 heads of 16. The authors' preset with one epoch per stage, QuaRot without its
+    # cross-head Hadamard compared in the same job
+    out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=baseq_authors",
+                        "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[quarot]"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [rec] = records(tmp_path)
+    method = rec["config"]["method"]
+    assert method["residual_rotation"] == "hadamard_unsigned" and method["stage1_quantizers"] == "down_proj"
+    assert method["gptq"]["act_order"] and method["gptq"]["normalize_tokens"] and method["bias_init"] == "zero"
+    assert method["train_batch_size"] == 2 and method["lr"]["eta_min_stage2"] == 3e-6
+    blocks = rec["metrics"]["method_report"]["blocks"]
+    assert blocks[0]["learned"]["k_cache"]["clip"][0] != pytest.approx(0.8808, abs=1e-6)   # it learned
+    # 4 heads have a Hadamard: QuaRot's cross-head transform applies and nothing needs saying
+    assert "notes" not in rec["metrics"]["compare"]["quarot"].get("method_report", {})
+    assert rec["metrics"]["wikitext2_ppl"] > 1

@@ -63,16 +63,43 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
+    # divide every token by its RMS before it enters the Hessian (the BASE-Q authors' code; not standard GPTQ)
+    normalize_tokens: bool = False
+    # GPTQ on the first N calibration windows (the BASE-Q authors: 128 of their 256); null or more than there
+    # are: all of them
+    nsamples: Optional[int] = None
 
 
 class ResidualRotation(Enum):
-    hadamard = "hadamard"
-    pca_hadamard = "pca_hadamard"
+    hadamard = "hadamard"                    # random Hadamard H D (QuaRot)
+    hadamard_unsigned = "hadamard_unsigned"  # H without random signs (the BASE-Q authors' plain Sylvester)
+    pca_hadamard = "pca_hadamard"            # weight-PCA basis, then the random Hadamard (the paper's Eq. 13)
 
 
 class BlockInputs(Enum):
     fp = "fp"                  # the full-precision model's activations
     quantized = "quantized"    # the quantized model's own activations
+
+
+class OProjHadamard(Enum):
+    none = "none"                # BASE-Q's Figure 4: only the per-head R2 at the o_proj input
+    cross_heads = "cross_heads"  # QuaRot's code: an online Hadamard across heads (full where heads have none)
+    full = "full"                # one online Hadamard of the whole o_proj input
+
+
+class ValueRotationInit(Enum):
+    hadamard = "hadamard"      # R_v starts at the per-head Hadamard R2 (the paper)
+    identity = "identity"      # R_v starts at I and no R2 is fused (the authors' code, in effect)
+
+
+class Stage1Quantizers(Enum):
+    all = "all"                # every activation and KV quantizer on while stage 1 trains
+    down_proj = "down_proj"    # only the down_proj input quantized in stage 1, KV off (the authors' code)
+
+
+class BlockLoss(Enum):
+    mse = "mse"                                    # MSE of the block output, as the paper
+    token_normalized_mse = "token_normalized_mse"  # each token's squared error over its fp output's energy
 
 
 @dataclass
@@ -83,6 +110,7 @@ class MethodConfig:
     weights: WeightAlgorithm = WeightAlgorithm.rtn
     act_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
+    o_proj_hadamard: OProjHadamard = OProjHadamard.none
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
 
@@ -92,6 +120,10 @@ class LearningRates:
     clip: float = 1e-2
     bias: float = 1e-3
     rotation: float = 3e-3
+    # cosine decay to this absolute rate, shared by every group (the authors: 3e-5 and 3e-6);
+    # null: each group decays to 1% of its own rate
+    eta_min_stage1: Optional[float] = None
+    eta_min_stage2: Optional[float] = None
 
 
 @dataclass
@@ -104,18 +136,27 @@ class BaseQConfig(MethodConfig):
     residual_rotation: ResidualRotation = ResidualRotation.hadamard
     learn_rv: bool = True
     rv_per_kv_head: bool = True
+    rv_init: ValueRotationInit = ValueRotationInit.hadamard
     bias: bool = True
     bias_init: str = "mean"          # mean | zero
     kv_bias: bool = False
     unpaired_scale: bool = True
     paired_scale: bool = True
     learn_clip: bool = True
+    kv_clip_per_head: bool = True    # a learned KV clip per KV head (else one per quantizer)
     # the paper's 3 and 5 epochs; the quick CPU preset trains one epoch per stage
     stage1_epochs: int = "${by_device:${device},1,3}"  # type: ignore[assignment]
     stage2_epochs: int = "${by_device:${device},1,5}"  # type: ignore[assignment]
+    stage1_quantizers: Stage1Quantizers = Stage1Quantizers.all
     train_batch_size: int = 4        # not given in the paper
-    train_inputs: BlockInputs = BlockInputs.fp
+    loss: BlockLoss = BlockLoss.mse
+    # Inputs of block l while training and for its GPTQ Hessians: the full-precision model's activations or
+    # the quantized model's own (blocks 0..l-1 quantized). Targets are always the fp block on fp inputs.
+    # The paper does not say; "quantized" is the default by measurement (docs/results.md).
+    train_inputs: BlockInputs = BlockInputs.quantized
     gptq_inputs: BlockInputs = BlockInputs.quantized
+    # the last N calibration windows are not trained on; the record gives each block's MSE on them
+    heldout_samples: int = 0
     lr: LearningRates = field(default_factory=LearningRates)
 
 
@@ -245,6 +286,19 @@ def validate(cfg) -> None:
                         f"{', '.join(sorted(METHODS))}")
     if "bias_init" in cfg.method and cfg.method.bias_init not in ("mean", "zero"):
         raise UserError(f"method.bias_init={cfg.method.bias_init!r}; use 'mean' or 'zero'")
+    if cfg.method.get("learn_clip") and cfg.method.get("stage1_epochs", 0) + cfg.method.get("stage2_epochs", 0) > 0:
+        for key in ("act_clip_ratio", "kv_clip_ratio"):
+            if cfg.method[key] >= 1:
+                raise UserError(f"method.{key}={cfg.method[key]} with learn_clip=true: a learned clip is a sigmoid "
+                                f"and must start below 1; use e.g. 0.9, or learn_clip=false")
+    if cfg.method.get("heldout_samples", 0):
+        held, n = cfg.method.heldout_samples, cfg.calib.nsamples
+        if not 0 <= held < n:
+            raise UserError(f"method.heldout_samples={held} must be in [0, calib.nsamples={n})")
+    nsamples = cfg.method.gptq.nsamples
+    if nsamples is not None and nsamples < 1:
+        raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
+                        f"or null for all of them")
 
 
 def enum_value(value: Any) -> str:

@@ -5,7 +5,9 @@ the parametrizations, leaving plain tensors.
 
 Both transforms are exact: the full-precision block computes the same function for any parameter value.
   v -> o:     v' = (v R) / s per KV head (R orthogonal, s > 0), o absorbs R^T and s per query head.
-  up -> down: u' = u / s, and down absorbs s before its online Hadamard (if any): W <- W Q^T diag(s) Q.
+  up -> down: u' = u / s, and down absorbs s.
+A reader with an online input rotation Q (down's R4, an o_proj Hadamard) absorbs the transform M in the
+basis before Q: W <- W Q^T M Q.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
-from .hadamard import hadamard_transform
 from .models.families import ModelFamily
+from .modules import QuantLinear
 
 
 class PositiveScale(nn.Module):
@@ -66,14 +68,26 @@ class _ValueWeight(nn.Module):
         return w.squeeze(1) if column else w
 
 
-class _OutputWeight(nn.Module):
-    """W_o [d, H*hd] -> W_o blockdiag(R per query head) diag(s per query head)."""
+def _in_input_basis(layer: nn.Module, transform, w: torch.Tensor) -> torch.Tensor:
+    """W Q^T M Q for a QuantLinear with an online rotation Q, W M for any other layer."""
+    if isinstance(layer, QuantLinear):
+        return layer.weight_from_input_basis(transform(layer.weight_in_input_basis(w)))
+    return transform(w)
 
-    def __init__(self, rotations: HeadRotations | None, scale: PositiveScale | None, head_dim: int, group: int):
+
+class _OutputWeight(nn.Module):
+    """W_o [d, H*hd] -> W_o blockdiag(R per query head) diag(s per query head), in o's input basis."""
+
+    def __init__(self, o_proj: nn.Module, rotations: HeadRotations | None, scale: PositiveScale | None,
+                 head_dim: int, group: int):
         super().__init__()
         self.rotations, self.scale, self.head_dim, self.group = rotations, scale, head_dim, group
+        self._layer = [o_proj]   # a list: not a submodule of the parametrization
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _in_input_basis(self._layer[0], self._transform, w)
+
+    def _transform(self, w: torch.Tensor) -> torch.Tensor:
         heads = w.shape[1] // self.head_dim
         if self.rotations is not None:
             r = self.rotations().to(w.dtype)
@@ -96,18 +110,16 @@ class _DivideRows(nn.Module):
         return w / (s.unsqueeze(1) if w.dim() == 2 else s)
 
 
-class _ScaleColumnsBeforeRotation(nn.Module):
-    """W -> W Q^T diag(s) Q where x -> x Q is the layer's online input rotation (identity if none)."""
+class _ScaleColumns(nn.Module):
+    """W -> W diag(s), in the layer's input basis (before its online rotation, if any)."""
 
-    def __init__(self, scale: PositiveScale, online_hadamard: bool):
+    def __init__(self, layer: nn.Module, scale: PositiveScale):
         super().__init__()
-        self.scale, self.online_hadamard = scale, online_hadamard
+        self.scale = scale
+        self._layer = [layer]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = self.scale().to(w.dtype)
-        if not self.online_hadamard:
-            return w * s
-        return hadamard_transform(hadamard_transform(w, transpose=True) * s)
+        return _in_input_basis(self._layer[0], lambda v: v * self.scale().to(v.dtype), w)
 
 
 class BlockTransforms(nn.Module):
@@ -128,12 +140,12 @@ class BlockTransforms(nn.Module):
             self._register(v_proj, "weight", _ValueWeight(self.rv, self.vo_scale, head_dim))
             if v_proj.bias is not None:
                 self._register(v_proj, "bias", _ValueWeight(self.rv, self.vo_scale, head_dim))
-            self._register(o_proj, "weight", _OutputWeight(self.rv, self.vo_scale, head_dim, group))
+            self._register(o_proj, "weight", _OutputWeight(o_proj, self.rv, self.vo_scale, head_dim, group))
         if self.ud_scale is not None:
             self._register(up, "weight", _DivideRows(self.ud_scale))
             if up.bias is not None:
                 self._register(up, "bias", _DivideRows(self.ud_scale))
-            self._register(down, "weight", _ScaleColumnsBeforeRotation(self.ud_scale, down.online_hadamard))
+            self._register(down, "weight", _ScaleColumns(down, self.ud_scale))
 
     def _register(self, module: nn.Module, name: str, transform: nn.Module) -> None:
         getattr(module, name).requires_grad_(False)
@@ -145,6 +157,21 @@ class BlockTransforms(nn.Module):
 
     def scale_parameters(self) -> list[nn.Parameter]:
         return [m.log_scale for m in (self.vo_scale, self.ud_scale) if m is not None]
+
+    @torch.no_grad()
+    def summary(self) -> dict:
+        """Ranges of the learned paired scales and how far R_v moved from its start (Frobenius norm of
+        R - I, the mean over heads), for the run record."""
+        out = {}
+        for name, scale in (("v_o", self.vo_scale), ("up_down", self.ud_scale)):
+            if scale is not None:
+                s = scale()
+                out[name] = {"min": s.min().item(), "max": s.max().item(), "mean": s.mean().item()}
+        if self.rv is not None:
+            r = self.rv()
+            eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+            out["rv_distance_from_init"] = (r - eye).flatten(1).norm(dim=1).mean().item()
+        return out
 
     @torch.no_grad()
     def fuse(self) -> None:

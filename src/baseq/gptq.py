@@ -8,14 +8,20 @@ from .quant import quantize_symmetric, weight_scale
 
 
 class HessianAccumulator:
-    """Running H = 2/n sum x x^T of a linear layer's inputs, in float32 on the layer's device."""
+    """Running H = 2/n sum x x^T of a linear layer's inputs, in float32 on the layer's device.
 
-    def __init__(self, columns: int, device: torch.device):
+    normalize_tokens: divide every token by its RMS before adding it (the BASE-Q authors' code does this; it
+    stops a few large-norm tokens from dominating H, which standard GPTQ does not do)."""
+
+    def __init__(self, columns: int, device: torch.device, normalize_tokens: bool = False):
         self.hessian = torch.zeros(columns, columns, device=device, dtype=torch.float32)
         self.count = 0
+        self.normalize_tokens = normalize_tokens
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.normalize_tokens:
+            x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True).clamp(min=1e-12))
         n = x.shape[0]
         self.hessian *= self.count / (self.count + n)
         self.count += n

@@ -323,6 +323,15 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return _sylvester(pow2) if m == 1 else torch.kron(_base_matrix(m), _sylvester(pow2))
 
 
+def construction(n: int) -> str:
+    """How hadamard_matrix(n) is built, e.g. "H_28 (x) H_32" or "H_64" (Sylvester)."""
+    split = _split(_check_size(n))
+    if split is None:
+        raise _size_error(n)
+    m, pow2 = split
+    return f"H_{m} (x) H_{pow2}" if m > 1 else f"H_{pow2}"
+
+
 def orthonormal_hadamard(n: int) -> torch.Tensor:
     """H_n / sqrt(n), float64."""
     return hadamard_matrix(n) / math.sqrt(n)
@@ -398,3 +407,15 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bool = 
         left *= f
     y = y.reshape(x.shape) * (1.0 / math.sqrt(n))
     return y.to(x.dtype)
+
+
+def hadamard_across_groups(x: torch.Tensor, groups: int, transpose: bool = False) -> torch.Tensor:
+    """x @ kron(H_groups / sqrt(groups), I) along the last dimension, cut into `groups` contiguous blocks:
+    entry j of every block is mixed with entry j of the others (QuaRot's online Hadamard across attention
+    heads at the o_proj input). transpose=True applies the inverse."""
+    width = x.shape[-1]
+    if width % groups:
+        raise ValueError(f"hadamard_across_groups: last dimension {width} is not a multiple of groups={groups}")
+    blocks = x.reshape(*x.shape[:-1], groups, width // groups).transpose(-1, -2)
+    return hadamard_transform(blocks, transpose=transpose).transpose(-1, -2).reshape(x.shape)
+

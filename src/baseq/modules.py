@@ -14,17 +14,19 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from .hadamard import hadamard_transform
+from .hadamard import hadamard_across_groups, hadamard_transform
 from .quant import ActivationQuantizer, KVQuantizer
 
 ATTENTION_IMPLEMENTATION = "baseq_sdpa"
 
 
 class QuantLinear(nn.Module):
-    """y = W_q Q(S (H x - B)) + W_q B + b.
+    """y = W_q Q(S^a (H x) - B) + W_q B + b  (the paper's Eq. 15).
 
-    H: optional online Hadamard of the input (R4 on down_proj; its transpose is already in W).
-    B, S: BASE-Q's activation bias and unpaired scale, held by the activation quantizer.
+    H: optional online rotation of the input, its transpose already in W: a full Hadamard
+       (`online_hadamard`: R4 on down_proj, or QuaRot's o_proj Hadamard where the head count has none), or
+       one across `online_head_groups` attention heads (QuaRot's o_proj input; the per-head part is R2).
+    B, S^a: BASE-Q's activation bias and unpaired scale, held by the activation quantizer.
     W_q: the weight, replaced in place by its fake-quantized value once weights are quantized; the per-channel
     scale is kept in `weight_scale` so the integer codes can be recovered exactly (round(W_q / scale)).
     """
@@ -35,6 +37,7 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.online_hadamard = online_hadamard
+        self.online_head_groups = 0
         self.act_quantizer = act_quantizer
         self.weight_bits = 16
         self.register_buffer("weight_scale", None)
@@ -43,8 +46,25 @@ class QuantLinear(nn.Module):
         # True once W_q B has been added to `bias` for good (see fuse_activation_bias)
         self.activation_bias_fused = False
 
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(x) if self.online_hadamard else x
+    @property
+    def has_online_rotation(self) -> bool:
+        return self.online_hadamard or self.online_head_groups > 0
+
+    def rotate_input(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """x -> x Q, the online rotation (transpose=True: x -> x Q^T)."""
+        if self.online_head_groups:
+            x = hadamard_across_groups(x, self.online_head_groups, transpose)
+        if self.online_hadamard:
+            x = hadamard_transform(x, transpose=transpose)
+        return x
+
+    def weight_in_input_basis(self, w: torch.Tensor) -> torch.Tensor:
+        """W Q^T: the weight as it acts on the layer's input before the online rotation (W itself if none)."""
+        return self.rotate_input(w, transpose=True) if self.has_online_rotation else w
+
+    def weight_from_input_basis(self, w: torch.Tensor) -> torch.Tensor:
+        """The inverse of weight_in_input_basis: W -> W Q."""
+        return self.rotate_input(w) if self.has_online_rotation else w
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -76,18 +96,20 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.weight_bits}, " \
-               f"online_hadamard={self.online_hadamard}, bias={self.bias is not None}"
+               f"online_hadamard={self.online_hadamard}, online_head_groups={self.online_head_groups}, " \
+               f"bias={self.bias is not None}"
 
 
 class AttentionQuantizer(nn.Module):
     """Post-RoPE treatment of one attention layer: R3 (online Hadamard of queries and keys, which leaves
     q.k unchanged) and the per-head KV-cache quantizers."""
 
-    def __init__(self, kv_bits: int, kv_clip: float = 1.0, rotate_qk: bool = False, learn_clip: bool = False):
+    def __init__(self, kv_bits: int, kv_clip: float = 1.0, rotate_qk: bool = False, learn_clip: bool = False,
+                 kv_heads: int | None = None):
         super().__init__()
         self.rotate_qk = rotate_qk
-        self.k_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip)
-        self.v_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip)
+        self.k_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip, kv_heads)
+        self.v_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip, kv_heads)
 
     def forward(self, query, key, value):
         if self.rotate_qk:

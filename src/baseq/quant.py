@@ -106,27 +106,38 @@ def asymmetric_codes(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
     return codes, scale, zero
 
 
-def _register_clip(module: nn.Module, clip_ratio: float, learn: bool) -> None:
-    clip = torch.tensor(float(clip_ratio))
+def _register_clip(module: nn.Module, clip_ratio: float, learn: bool, shape: tuple[int, ...] = ()) -> None:
+    """A fixed clip is a buffer `clip_ratio`; a learned one is a logit `clip_logit` with clip = sigmoid(logit).
+    The sigmoid keeps the clip in (0, 1) without a clamp, so no value ever stops receiving gradient (a
+    clamped clip pushed past a bound would stay there)."""
     if learn:
-        module.clip_ratio = nn.Parameter(clip)
+        if not 0 < clip_ratio < 1:
+            raise ValueError(f"a learned clip must start strictly between 0 and 1, got {clip_ratio}")
+        module.clip_logit = nn.Parameter(torch.full(shape, clip_ratio).logit())
     else:
-        module.register_buffer("clip_ratio", clip)
+        module.register_buffer("clip_ratio", torch.tensor(float(clip_ratio)))
 
 
 def effective_clip(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The clip ratio a quantizer applies, in `dtype` (the runtime kernels use the same value)."""
-    # a learned clip stays in a sane range: below 0.3 the grid would clip most of a token away
-    clip = module.clip_ratio.clamp(0.3, 1.0) if isinstance(module.clip_ratio, nn.Parameter) else module.clip_ratio
+    """The clip ratio a quantizer applies, in `dtype` (the runtime kernels use the same value): a scalar, or
+    one per KV head shaped [heads, 1, 1]. Differentiable in a learned clip's logit."""
+    logit = getattr(module, "clip_logit", None)
+    clip = module.clip_ratio if logit is None else torch.sigmoid(logit)
     return clip.to(dtype)
+
+
+def learned_clip(module: nn.Module) -> nn.Parameter | None:
+    return getattr(module, "clip_logit", None)
 
 
 class ActivationQuantizer(nn.Module):
     """Per-token asymmetric fake quantizer of a linear layer's input.
 
-    Holds the optional BASE-Q terms that must stay online: a bias B subtracted before quantization and an
-    unpaired scale S multiplied after it, so the quantized tensor is Q(S * (x - B)). The layer that owns the
-    quantizer adds W B back to its output (see QuantLinear). The clip ratio is fixed unless `learn_clip`.
+    Holds the optional BASE-Q terms that must stay online (the paper's Eq. 15): an unpaired scale S^a that
+    multiplies the input and a bias B subtracted after it, so the quantized tensor is Q(S^a x - B). The layer
+    that owns the quantizer adds W_q B back to its output (see QuantLinear), which leaves exactly W_q S^a x:
+    the bias has no residue and the unpaired scale is the only deliberate deviation. (Subtracting B before
+    scaling would leave an uncompensated W_q (1 - S^a) B.) The clip ratio is fixed unless `learn_clip`.
     """
 
     def __init__(self, dim: int, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
@@ -144,35 +155,37 @@ class ActivationQuantizer(nn.Module):
         self.bias = nn.Parameter(init.detach().clone().float())
 
     def add_scale(self) -> None:
-        self.scale = nn.Parameter(torch.ones(self.dim, device=self.clip_ratio.device))
+        self.scale = nn.Parameter(torch.ones(self.dim, device=effective_clip(self, torch.float32).device))
 
-    def shift_and_scale(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            x = x - self.bias.to(x.dtype)
+    def scale_and_shift(self, x: torch.Tensor) -> torch.Tensor:
+        """S^a x - B, the tensor that is quantized."""
         if self.scale is not None:
             x = x * self.scale.to(x.dtype)
+        if self.bias is not None:
+            x = x - self.bias.to(x.dtype)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.shift_and_scale(x)
+        x = self.scale_and_shift(x)
         if not self.enabled:
             return x
         return fake_quantize_asymmetric(x, self.bits, effective_clip(self, x.dtype))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, bits={self.bits}, clip={float(self.clip_ratio):.3f}, " \
+        return f"dim={self.dim}, bits={self.bits}, clip={effective_clip(self, torch.float32).item():.3f}, " \
                f"bias={self.bias is not None}, scale={self.scale is not None}"
 
 
 class KVQuantizer(nn.Module):
     """Per-token per-head asymmetric fake quantizer for keys or values, shaped [batch, heads, seq, head_dim].
     An optional per-head bias (BASE-Q's K/V bias) is subtracted before quantization and added back after;
-    the cache stores the codes of (x - b)."""
+    the cache stores the codes of (x - b). A learned clip is one per head when `heads` is given (as the
+    authors' code), else one for the layer."""
 
-    def __init__(self, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
+    def __init__(self, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False, heads: int | None = None):
         super().__init__()
         self.bits = bits
-        _register_clip(self, clip_ratio, learn_clip)
+        _register_clip(self, clip_ratio, learn_clip, () if heads is None else (heads, 1, 1))
         self.bias: nn.Parameter | None = None
 
     def add_bias(self, init: torch.Tensor) -> None:
@@ -189,4 +202,5 @@ class KVQuantizer(nn.Module):
         return fake_quantize_asymmetric(x - bias, self.bits, clip) + bias
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, clip={float(self.clip_ratio):.3f}"
+        clip = effective_clip(self, torch.float32).detach()
+        return f"bits={self.bits}, clip={clip.mean().item():.3f}" + ("" if clip.numel() == 1 else " (mean of heads)")

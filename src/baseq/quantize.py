@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .blockwise import capture_block_inputs, iterate_blocks, run_block
 from .gptq import HessianAccumulator, gptq_quantize
-from .hadamard import orthonormal_hadamard
+from .hadamard import has_hadamard, orthonormal_hadamard
 from .models.families import ModelFamily
 from .modules import ATTENTION_IMPLEMENTATION, AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer, fake_quantize_symmetric, weight_scale
@@ -20,10 +20,13 @@ from .rotation import rotate_reader
 
 
 def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bits: int, act_clip: float,
-                      kv_clip: float, rotate_qk: bool = False, learn_clip: bool = False) -> None:
+                      kv_clip: float, rotate_qk: bool = False, learn_clip: bool = False,
+                      kv_clip_per_head: bool = False) -> None:
     """Replace each block's linears by QuantLinear and give each attention an AttentionQuantizer. Linears
     that read the same tensor (q/k/v, gate/up) share one ActivationQuantizer: the input is quantized once,
-    with one bias, scale and clip, as a kernel would do it."""
+    with one bias, scale and clip, as a kernel would do it. Learned KV clips are one per KV head with
+    `kv_clip_per_head`, else one per quantizer."""
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     for block in family.blocks(model):
         for group in family.sequential_groups():
             first = block.get_submodule(group[0])
@@ -35,7 +38,7 @@ def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bit
                 setattr(block.get_submodule(parent_name), child_name,
                         QuantLinear(block.get_submodule(name), quantizer))
         block.get_submodule(family.attention).attention_quantizer = AttentionQuantizer(
-            kv_bits, kv_clip, rotate_qk, learn_clip)
+            kv_bits, kv_clip, rotate_qk, learn_clip, kv_heads if kv_clip_per_head else None)
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
 
 
@@ -46,14 +49,32 @@ def add_online_down_hadamard(block: nn.Module, family: ModelFamily) -> None:
     down.online_hadamard = True
 
 
-def quant_linears(module: nn.Module) -> Iterator[QuantLinear]:
-    return (m for m in module.modules() if isinstance(m, QuantLinear))
+def add_online_o_hadamard(block: nn.Module, family: ModelFamily, num_heads: int, mode: str) -> str:
+    """QuaRot's online Hadamard at the o_proj input, its transpose fused into o_proj. mode "cross_heads"
+    mixes the heads (H_heads x I; with the per-head R2 fused into v/o the input sees H_heads x H_head_dim, as
+    QuaRot's code); a head count with no Hadamard falls back to "full", one Hadamard of the whole input.
+    Returns the mode applied ("none", "cross_heads" or "full")."""
+    o_proj: QuantLinear = block.get_submodule(family.o_proj)
+    if mode == "cross_heads" and not has_hadamard(num_heads):
+        mode = "full"
+    if mode == "cross_heads":
+        head_dim = o_proj.in_features // num_heads
+        rotate_reader(o_proj, torch.kron(orthonormal_hadamard(num_heads), torch.eye(head_dim, dtype=torch.float64)))
+        o_proj.online_head_groups = num_heads
+    elif mode == "full":
+        rotate_reader(o_proj, orthonormal_hadamard(o_proj.in_features))
+        o_proj.online_hadamard = True
+    elif mode != "none":
+        raise ValueError(f"unknown o_proj Hadamard {mode!r}; use none, cross_heads or full")
+    return mode
 
 
 @contextlib.contextmanager
-def activation_quantization_disabled(model: nn.Module):
-    """Weights are calibrated on unquantized activations (as in QuaRot/GPTQ)."""
-    quantizers = [m for m in model.modules() if isinstance(m, (ActivationQuantizer, KVQuantizer))]
+def only_quantizers(model: nn.Module, keep: list[nn.Module]):
+    """Activation and KV quantization off everywhere in `model` except in the quantizers `keep` (the authors'
+    stage 1 quantizes only the down_proj input)."""
+    kept = set(keep)
+    quantizers = [m for m in model.modules() if isinstance(m, (ActivationQuantizer, KVQuantizer)) and m not in kept]
     saved = [q.bits for q in quantizers]
     for q in quantizers:
         q.bits = 16
@@ -62,6 +83,15 @@ def activation_quantization_disabled(model: nn.Module):
     finally:
         for q, bits in zip(quantizers, saved):
             q.bits = bits
+
+
+def quant_linears(module: nn.Module) -> Iterator[QuantLinear]:
+    return (m for m in module.modules() if isinstance(m, QuantLinear))
+
+
+def activation_quantization_disabled(model: nn.Module):
+    """Weights are calibrated on unquantized activations (as in QuaRot/GPTQ)."""
+    return only_quantizers(model, [])
 
 
 @contextlib.contextmanager
@@ -113,14 +143,14 @@ def quantize_block_rtn(block: nn.Module, bits: int, clip_search: str) -> None:
 @torch.no_grad()
 def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, block_kwargs: dict, bits: int,
                clip_search: str, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-               batch_size: int = 1) -> None:
+               batch_size: int = 1, normalize_tokens: bool = False) -> None:
     """GPTQ every linear of one block, group by group (qkv, o, gate/up, down), so each Hessian is measured
     on inputs produced by the already-quantized groups. `hidden` holds the block's calibration inputs."""
     for group in family.sequential_groups():
         linears = [block.get_submodule(name) for name in group]
         # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
         # Observing the quantizer's input sees it after any online rotation.
-        hessian = HessianAccumulator(linears[0].in_features, hidden.device)
+        hessian = HessianAccumulator(linears[0].in_features, hidden.device, normalize_tokens)
         with each_quantizer_input([linears[0].act_quantizer], lambda _q, x: hessian.add(x)):
             run_block(block, hidden, block_kwargs, batch_size)
         for lin in linears:
@@ -131,7 +161,7 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
 @torch.no_grad()
 def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torch.Tensor, bits: int,
                           clip_search: str, device: torch.device, block_size: int = 128, damp: float = 0.01,
-                          act_order: bool = False, batch_size: int = 1) -> None:
+                          act_order: bool = False, batch_size: int = 1, normalize_tokens: bool = False) -> None:
     """Sequential GPTQ over the model (QuaRot's recipe): activations unquantized, each block calibrated on
     the outputs of the already-quantized blocks before it."""
     if bits >= 16:
@@ -142,5 +172,5 @@ def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torc
         for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
                              desc="GPTQ", unit="block"):
             gptq_block(block, family, hidden, inputs.kwargs, bits, clip_search, block_size, damp, act_order,
-                       batch_size)
+                       batch_size, normalize_tokens)
             hidden = run_block(block, hidden, inputs.kwargs, batch_size)

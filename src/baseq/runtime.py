@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .hadamard import hadamard_matrix, kronecker_factors
+from .hadamard import hadamard_across_groups, hadamard_matrix, kronecker_factors
 from .models.families import ModelFamily
 from .modules import AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer, effective_clip
@@ -35,7 +35,7 @@ class PackedInputQuantizer(nn.Module):
     same tensor, then dropped."""
 
     def __init__(self, fake: ActivationQuantizer, online_hadamard: bool, consumers: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, online_head_groups: int = 0):
         super().__init__()
         if fake.bits != 4:
             raise UserError(f"the W4A4 runtime needs 4-bit activations, this layer has {fake.bits}; "
@@ -50,6 +50,9 @@ class PackedInputQuantizer(nn.Module):
             self.hadamard_outer = None if outer is None else outer.to(device, dtype)
             self.hadamard_inner = inner.to(device, dtype)
         self._online_hadamard = None
+        # QuaRot's Hadamard across heads (o_proj input) runs in torch before the kernel: the kernel's factors
+        # act within contiguous blocks, not across them
+        self.online_head_groups = online_head_groups
         self._last: tuple | None = None
 
     def forward(self, x: torch.Tensor):
@@ -58,6 +61,9 @@ class PackedInputQuantizer(nn.Module):
             self._last = (x, result, left - 1) if left > 1 else None
             return result
         kernels = load_kernels()
+        source = x
+        if self.online_head_groups:
+            x = hadamard_across_groups(x, self.online_head_groups)
         hadamard = None
         if self.hadamard_inner is not None:
             hadamard = self._online_hadamard
@@ -66,12 +72,13 @@ class PackedInputQuantizer(nn.Module):
                 hadamard = self._online_hadamard = kernels.OnlineHadamard(self.hadamard_outer, self.hadamard_inner,
                                                                           self.dim, self.dim)
         result = kernels.quantize_activations(x.reshape(-1, self.dim), self.clip, self.bias, self.scale, hadamard)
-        self._last = (x, result, self.consumers - 1) if self.consumers > 1 else None
+        self._last = (source, result, self.consumers - 1) if self.consumers > 1 else None
         return result
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, clip={self.clip:.3f}, bias={self.bias is not None}, " \
-               f"scale={self.scale is not None}, online_hadamard={self.hadamard_inner is not None}"
+               f"scale={self.scale is not None}, online_hadamard={self.hadamard_inner is not None}, " \
+               f"online_head_groups={self.online_head_groups}"
 
 
 class W4A4Linear(nn.Module):
@@ -129,8 +136,9 @@ class KV4AttentionQuantizer(nn.Module):
         self.kv_bits = fake.k_quantizer.bits
         if self.kv_bits not in (4, 16):
             raise UserError(f"the runtime's KV cache is 4-bit (or unquantized), got kv_bits={self.kv_bits}")
-        self.k_clip = float(effective_clip(fake.k_quantizer, dtype))
-        self.v_clip = float(effective_clip(fake.v_quantizer, dtype))
+        # a scalar, or one clip per KV head (learned per head)
+        self.register_buffer("k_clip", effective_clip(fake.k_quantizer, dtype).detach().flatten().float().to(device))
+        self.register_buffer("v_clip", effective_clip(fake.v_quantizer, dtype).detach().flatten().float().to(device))
         self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype, device))
         self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype, device))
         self._head_hadamard: torch.Tensor | None = None
@@ -175,7 +183,7 @@ def convert_to_w4a4(model: nn.Module, family: ModelFamily) -> nn.Module:
             fake = linear.act_quantizer
             if fake not in runtime_quantizers:
                 runtime_quantizers[fake] = PackedInputQuantizer(fake, linear.online_hadamard, consumers[fake], dtype,
-                                                                linear.weight.device)
+                                                                linear.weight.device, linear.online_head_groups)
             parent_name, child_name = name.rsplit(".", 1)
             setattr(block.get_submodule(parent_name), child_name, W4A4Linear(linear, runtime_quantizers[fake]))
         attention = block.get_submodule(family.attention)

@@ -1,6 +1,11 @@
-"""Block-wise training: minimise the MSE between a quantized block's output and the full-precision
+"""Block-wise training: minimise the error between a quantized block's output and the full-precision
 block's output over the calibration set, with AdamW (one learning rate per parameter group) and cosine
-decay. Used by BASE-Q's two stages; any method that trains per block can use it."""
+decay. Used by BASE-Q's two stages; any method that trains per block can use it.
+
+Losses: "mse", the mean squared error of the block output (the paper's Eq. 16), and
+"token_normalized_mse", each token's squared error divided by its fp output's energy, then averaged: the
+plain MSE is dominated by the few tokens with a large residual norm (e.g. the first token) and by the last
+blocks, whose outputs are largest."""
 
 from __future__ import annotations
 
@@ -22,48 +27,71 @@ class ParamGroup:
     lr: float
 
 
+def block_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(out, target)
+    if kind == "token_normalized_mse":
+        energy = target.pow(2).sum(dim=-1).clamp(min=1e-12)
+        return ((out - target).pow(2).sum(dim=-1) / energy).mean()
+    raise ValueError(f"unknown block loss {kind!r}; use mse or token_normalized_mse")
+
+
 def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
                 groups: list[ParamGroup], epochs: int, batch_size: int, label: str, seed: int,
-                final_lr_fraction: float = 0.01) -> list[float]:
-    """Returns the mean loss of each epoch. Raises TrainingDivergedError (naming `label`) on a NaN/Inf loss."""
+                loss: str = "mse", eta_min: float | None = None, final_lr_fraction: float = 0.01) -> list[float]:
+    """Returns the mean loss of each epoch. The learning rates follow a cosine over all steps, down to the
+    absolute `eta_min` shared by every group, or (eta_min None) to final_lr_fraction of each group's own
+    rate. Raises TrainingDivergedError (naming `label`) on a NaN/Inf loss."""
     groups = [g for g in groups if g.params]
     if not groups or epochs <= 0:
         return []
-    for g in groups:
-        for p in g.params:
-            p.requires_grad_(True)
+    trained = {p for g in groups for p in g.params}
+    # everything else in the block is frozen while it trains: no gradient is computed or kept for it
+    frozen = [p for p in block.parameters() if p.requires_grad and p not in trained]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr} for g in groups], weight_decay=0.0)
     steps_per_epoch = math.ceil(inputs.shape[0] / batch_size)
     total = epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * step / total)))
+    if eta_min is not None:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min)
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * step / total)))
     gen = torch.Generator().manual_seed(seed)
     epoch_losses = []
     progress = tqdm(total=total, desc=label, unit="step", leave=False)
     try:
         for epoch in range(epochs):
             order = torch.randperm(inputs.shape[0], generator=gen)
-            running = 0.0
+            # the loss stays on the device until the epoch ends: a host read every step would make the CPU
+            # wait for the GPU, and these small steps are bound by how fast kernels are launched
+            running = torch.zeros((), device=inputs.device)
             for start in range(0, inputs.shape[0], batch_size):
                 idx = order[start:start + batch_size].to(inputs.device)
                 out = run_block(block, inputs[idx].float(), block_kwargs, batch_size)
-                loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(f"{label}: loss became {loss.item()} at epoch {epoch}; lower the "
-                                                f"learning rates (method.lr.*) or check the block's inputs")
+                value = block_loss(loss, out, targets[idx])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 schedule.step()
-                running += loss.item() * idx.numel()
+                running += value.detach() * idx.numel()
                 progress.update(1)
-            epoch_losses.append(running / inputs.shape[0])
+            mean_loss = running.item() / inputs.shape[0]
+            if not math.isfinite(mean_loss):
+                raise TrainingDivergedError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower the "
+                                            f"learning rates (method.lr.*) or check the block's inputs")
+            epoch_losses.append(mean_loss)
             progress.set_postfix(loss=f"{epoch_losses[-1]:.3e}")
     finally:
         progress.close()
-        for g in groups:
-            for p in g.params:
-                p.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
     return epoch_losses
 
 

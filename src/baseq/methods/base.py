@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
 
+import logging
+
 import torch
 
 from ..config import enum_value
+
+log = logging.getLogger("baseq")
 
 
 @dataclass
@@ -23,6 +27,14 @@ class MethodContext:
     # what the method wants in the run record (per-block losses, per-stage times): filled in by the method
     report: dict = field(default_factory=dict)
 
+    def note(self, message: str) -> None:
+        """A step that could not apply as configured (and what was done instead): logged, and kept in the
+        record under method_report.notes. Repeated notes are kept once."""
+        notes = self.report.setdefault("notes", [])
+        if message not in notes:
+            log.warning(message)
+            notes.append(message)
+
     @cached_property
     def calibration(self) -> torch.Tensor:
         """Calibration token windows [nsamples, seqlen], loaded on first use only."""
@@ -34,7 +46,8 @@ class MethodContext:
         clip_search = enum_value(self.quant.w_clip_search)
         if enum_value(self.method.weights) == "gptq":
             g = self.method.gptq
-            quantize_weights_gptq(model, family, self.calibration, self.quant.w_bits, clip_search, self.device,
-                                  g.block_size, g.damp, g.act_order, self.calib_batch_size)
+            quantize_weights_gptq(model, family, self.calibration[:g.nsamples], self.quant.w_bits, clip_search,
+                                  self.device, g.block_size, g.damp, g.act_order, self.calib_batch_size,
+                                  g.normalize_tokens)
         else:
             quantize_weights_rtn(model, family, self.quant.w_bits, clip_search, self.device)

@@ -2,13 +2,15 @@
   stage 1: paired scales (v->o, up->down), learned R_v and activation clips, weights RTN-quantized with STE;
   fuse; GPTQ;
   stage 2: activation biases B (init: channel means), unpaired scales S^a and clips, weights frozen;
-  fuse W_q B into the linear biases.
-Each stage minimises the MSE between the block's full-precision and quantized outputs. One block is on
-the device at a time. Every component is a switch of the method config (see BaseQConfig), so the paper's
-ablation ladder is a set of configs (conf/method/baseq_ablation/)."""
+  fuse W_q B into the linear biases (Eq. 15: y = W_q Q(S^a x - B) + W_q B + b).
+Each stage minimises the error between the block's full-precision output (on fp inputs) and the quantized
+block's output. One block is on the device at a time. Every component is a switch of the method config
+(see BaseQConfig), so the paper's ablation ladder is a set of configs (conf/method/baseq_ablation/) and the
+authors' public-code recipe is another (conf/method/baseq_authors.yaml)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -18,9 +20,9 @@ from tqdm.auto import tqdm
 from ..blockwise import capture_block_inputs, iterate_blocks, run_block
 from ..config import enum_value
 from ..equivalence import BlockTransforms
-from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer
+from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
-                        quant_linears, quantize_block_rtn)
+                        only_quantizers, quant_linears, quantize_block_rtn)
 from ..training import ParamGroup, block_mse, train_block
 from .quarot import apply_rotations, head_dim_of
 
@@ -34,16 +36,15 @@ def _kv_quantizers(block: nn.Module) -> list[KVQuantizer]:
 
 
 def _clip_parameters(block: nn.Module) -> list[nn.Parameter]:
-    quantizers = _act_quantizers(block) + _kv_quantizers(block)
-    return [q.clip_ratio for q in quantizers if isinstance(q.clip_ratio, nn.Parameter)]
+    clips = (learned_clip(q) for q in _act_quantizers(block) + _kv_quantizers(block))
+    return [c for c in clips if c is not None]
 
 
 @torch.no_grad()
 def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: torch.Tensor, block_kwargs: dict,
                         batch_size: int) -> dict[nn.Module, torch.Tensor]:
     """Mean over all calibration tokens of each quantizer's input (activation quantizers: per channel;
-    KV quantizers: per head and channel). Measured with quantization off: the rotated full-precision
-    activations, as BASE-Q initialises its biases."""
+    KV quantizers: per head and channel), with quantization off, as BASE-Q initialises its biases."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
 
@@ -60,8 +61,12 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
     return {q: (sums[q] / counts[q]).float() for q in quantizers}
 
 
-def _select(inputs: str, fp: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    return fp if inputs == "fp" else quantized
+def _stage1_context(block, family, m):
+    """Which quantizers are on while stage 1 trains: all of them, or (the authors' code) only the down_proj
+    input's, with the KV cache unquantized."""
+    if enum_value(m.stage1_quantizers) == "down_proj":
+        return only_quantizers(block, [block.get_submodule(family.down_proj).act_quantizer])
+    return contextlib.nullcontext()
 
 
 def train_stage1(block, family, m, w_bits: int, head_dim: int, inputs, targets, kwargs, label: str,
@@ -72,15 +77,17 @@ def train_stage1(block, family, m, w_bits: int, head_dim: int, inputs, targets, 
     for lin in quant_linears(block):
         lin.weight_quantizer = RTNWeightQuantizer(w_bits)
     bs = m.train_batch_size
-    report = {"stage1_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
-    report["stage1_loss"] = train_block(
-        block, inputs, targets, kwargs,
-        [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
-         ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
-         ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-        m.stage1_epochs, bs, label, seed)
+    with _stage1_context(block, family, m):
+        report = {"stage1_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
+        report["stage1_loss"] = train_block(
+            block, inputs, targets, kwargs,
+            [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
+             ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
+             ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
+            m.stage1_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage1)
     for lin in quant_linears(block):
         lin.weight_quantizer = None
+    report["paired_scales"] = transforms.summary()
     transforms.fuse()
     return report
 
@@ -91,21 +98,21 @@ def quantize_block_weights(block, family, m, q, inputs, kwargs) -> None:
     with activation_quantization_disabled(block):
         if enum_value(m.weights) == "gptq":
             g = m.gptq
-            gptq_block(block, family, inputs, kwargs, q.w_bits, clip_search, g.block_size, g.damp, g.act_order,
-                       m.train_batch_size)
+            gptq_block(block, family, inputs[:g.nsamples], kwargs, q.w_bits, clip_search, g.block_size, g.damp,
+                       g.act_order, m.train_batch_size, g.normalize_tokens)
         else:
             quantize_block_rtn(block, q.w_bits, clip_search)
 
 
-def train_stage2(block, m, fp_inputs, inputs, targets, kwargs, label: str, seed: int) -> dict:
-    """Activation biases (initialised from the channel means of the fp inputs), unpaired scales and clips,
-    with the weights frozen."""
+def train_stage2(block, m, inputs, targets, kwargs, label: str, seed: int) -> dict:
+    """Activation biases (initialised from the channel means of the training inputs, or zero), unpaired
+    scales and clips, with the weights frozen."""
     bs = m.train_batch_size
     act_quantizers = _act_quantizers(block)
     kv_quantizers = _kv_quantizers(block) if m.kv_bias else []
     if m.bias or m.kv_bias:
         targets_of_bias = (act_quantizers if m.bias else []) + kv_quantizers
-        means = input_channel_means(block, targets_of_bias, fp_inputs, kwargs, bs)
+        means = input_channel_means(block, targets_of_bias, inputs, kwargs, bs)
         for quantizer in targets_of_bias:
             quantizer.add_bias(means[quantizer] if m.bias_init == "mean" else torch.zeros_like(means[quantizer]))
     if m.unpaired_scale:
@@ -118,15 +125,37 @@ def train_stage2(block, m, fp_inputs, inputs, targets, kwargs, label: str, seed:
         block, inputs, targets, kwargs,
         [ParamGroup("bias", biases, m.lr.bias), ParamGroup("scale", scales, m.lr.scale),
          ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-        m.stage2_epochs, bs, label, seed)
+        m.stage2_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage2)
     return report
+
+
+@torch.no_grad()
+def learned_summary(block: nn.Module, family) -> dict:
+    """What training left in a block's quantizers: clip ratios (per KV head where learned so), bias norms and
+    unpaired-scale ranges, one entry per quantizer (named by the first linear that reads it)."""
+    summary = {}
+    for group in family.sequential_groups():
+        quantizer = block.get_submodule(group[0]).act_quantizer
+        entry = {"clip": effective_clip(quantizer, torch.float32).item()}
+        if quantizer.bias is not None:
+            entry["bias_norm"] = quantizer.bias.norm().item()
+        if quantizer.scale is not None:
+            s = quantizer.scale
+            entry["scale_min"], entry["scale_max"], entry["scale_mean"] = s.min().item(), s.max().item(), s.mean().item()
+        summary[group[0].rsplit(".", 1)[-1]] = entry
+    attention = block.get_submodule(family.attention).attention_quantizer
+    for name, quantizer in (("k_cache", attention.k_quantizer), ("v_cache", attention.v_quantizer)):
+        summary[name] = {"clip": effective_clip(quantizer, torch.float32).flatten().tolist()}
+    return summary
 
 
 def quantize(model, family, ctx) -> None:
     m, q = ctx.method, ctx.quant
     device, bs = ctx.device, m.train_batch_size
-    attach_quantizers(model, family, q.a_bits, q.kv_bits, m.act_clip_ratio, m.kv_clip_ratio, learn_clip=m.learn_clip)
-    apply_rotations(model, family, device, ctx.seed, enum_value(m.residual_rotation))
+    attach_quantizers(model, family, q.a_bits, q.kv_bits, m.act_clip_ratio, m.kv_clip_ratio, learn_clip=m.learn_clip,
+                      kv_clip_per_head=m.kv_clip_per_head)
+    apply_rotations(model, family, device, ctx.seed, enum_value(m.residual_rotation), enum_value(m.o_proj_hadamard),
+                    value_rotation=enum_value(m.rv_init) == "hadamard", note=ctx.note)
     head_dim = head_dim_of(model.config)
     train_inputs, gptq_inputs = enum_value(m.train_inputs), enum_value(m.gptq_inputs)
     stage1 = (m.paired_scale or m.learn_rv or m.learn_clip) and m.stage1_epochs > 0
@@ -134,6 +163,8 @@ def quantize(model, family, ctx) -> None:
 
     inputs = capture_block_inputs(model, family, ctx.calibration, device)
     x_fp, x_q, kwargs = inputs.hidden, inputs.hidden.clone(), inputs.kwargs
+    n_train = x_fp.shape[0] - m.heldout_samples
+    train, held = slice(0, n_train), slice(n_train, None)
     report = ctx.report.setdefault("blocks", [])
     seconds = ctx.report.setdefault("timings_s", {"stage1": 0.0, "gptq": 0.0, "stage2": 0.0})
     dtype = next(model.parameters()).dtype
@@ -142,29 +173,36 @@ def quantize(model, family, ctx) -> None:
         block.float()
         with activation_quantization_disabled(block), torch.no_grad():
             y_fp = run_block(block, x_fp.float(), kwargs, bs)
-        train_x = _select(train_inputs, x_fp, x_q).float()
+        train_x = (x_fp if train_inputs == "fp" else x_q)[train].float()
         entry = {"block": index}
 
         start = time.perf_counter()
         if stage1:
-            entry.update(train_stage1(block, family, m, q.w_bits, head_dim, train_x, y_fp, kwargs,
+            entry.update(train_stage1(block, family, m, q.w_bits, head_dim, train_x, y_fp[train], kwargs,
                                       f"block {index} stage 1", ctx.seed + index))
         seconds["stage1"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        quantize_block_weights(block, family, m, q, _select(gptq_inputs, x_fp, x_q).float(), kwargs)
+        quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train].float(), kwargs)
         seconds["gptq"] += time.perf_counter() - start
 
         start = time.perf_counter()
         if stage2:
-            entry.update(train_stage2(block, m, x_fp.float(), train_x, y_fp, kwargs, f"block {index} stage 2",
+            entry.update(train_stage2(block, m, train_x, y_fp[train], kwargs, f"block {index} stage 2",
                                       ctx.seed + 7919 + index))
         for lin in quant_linears(block):
             lin.fuse_activation_bias()
         seconds["stage2"] += time.perf_counter() - start
 
+        # the block's error on fp inputs (its own share) and on the quantized model's inputs (what evaluation
+        # sees: it includes every earlier block's error), against the fp block on fp inputs
+        entry["final_mse_fp_inputs"] = block_mse(block, x_fp[train], y_fp[train], kwargs, bs)
+        entry["final_mse_quantized_inputs"] = block_mse(block, x_q[train], y_fp[train], kwargs, bs)
+        if m.heldout_samples:
+            entry["heldout_mse_fp_inputs"] = block_mse(block, x_fp[held], y_fp[held], kwargs, bs)
+            entry["heldout_mse_quantized_inputs"] = block_mse(block, x_q[held], y_fp[held], kwargs, bs)
+        entry["learned"] = learned_summary(block, family)
         with torch.no_grad():
-            entry["final_mse"] = block_mse(block, train_x, y_fp, kwargs, bs)
             x_q = run_block(block, x_q.float(), kwargs, bs).to(x_q.dtype)
         x_fp = y_fp.to(x_fp.dtype)
         block.to(dtype)

@@ -1,13 +1,17 @@
 """QuaRot (Ashkboos et al., 2024): random Hadamard R1 on the residual stream, Hadamard R2 on values,
-online Hadamards R3 (queries/keys after RoPE) and R4 (down_proj input), then GPTQ or RTN weights."""
+online Hadamards R3 (queries/keys after RoPE), R4 (down_proj input) and, as QuaRot's code does, one across
+the heads at the o_proj input; then GPTQ or RTN weights."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from ..blockwise import iterate_blocks
-from ..hadamard import orthonormal_hadamard, random_hadamard
-from ..quantize import add_online_down_hadamard, attach_quantizers
+from ..config import enum_value
+from ..hadamard import construction, orthonormal_hadamard, random_hadamard
+from ..quantize import add_online_down_hadamard, add_online_o_hadamard, attach_quantizers
 from ..rotation import fuse_norms_into_linears, rotate_residual, rotate_values, untie_embeddings, weight_pca_basis
 
 
@@ -15,29 +19,52 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def apply_rotations(model, family, device: torch.device, seed: int, residual: str = "hadamard") -> None:
-    """Fuse norms, then R1, R2 (Hadamard per layer), R4 (fused + online); R3 is switched on in the attention
-    quantizers, which must be attached already. R1 is a random Hadamard, or with residual="pca_hadamard" the
-    weight-PCA basis followed by it (BASE-Q's option): x -> x U H^T."""
+def residual_rotation(model, family, device: torch.device, seed: int, kind: str,
+                      note: Callable[[str], None]) -> torch.Tensor:
+    """R1 (x -> x R1): a random Hadamard H D; "hadamard_unsigned": H alone (the BASE-Q authors' Sylvester
+    matrix, which exists only for powers of two: other sizes get this project's Kronecker construction, and
+    the run says so); "pca_hadamard": the weight-PCA basis followed by the random Hadamard, x -> x U H^T."""
+    d = model.config.hidden_size
+    if kind == "hadamard":
+        return random_hadamard(d, seed)
+    if kind == "hadamard_unsigned":
+        if d & (d - 1):
+            note(f"residual_rotation=hadamard_unsigned: no Sylvester Hadamard of order {d} (not a power of two); "
+                 f"using the constructed H_{d} = {construction(d)} without random signs")
+        return orthonormal_hadamard(d)
+    if kind == "pca_hadamard":
+        return weight_pca_basis(model, family, device) @ random_hadamard(d, seed).T
+    raise ValueError(f"unknown residual rotation {kind!r}; use hadamard, hadamard_unsigned or pca_hadamard")
+
+
+def apply_rotations(model, family, device: torch.device, seed: int, residual: str = "hadamard",
+                    o_proj_hadamard: str = "none", value_rotation: bool = True,
+                    note: Callable[[str], None] | None = None) -> None:
+    """Fuse norms, then R1, R2 (Hadamard per layer, unless value_rotation=False), R4 (fused + online) and the
+    optional online Hadamard at the o_proj input; R3 is switched on in the attention quantizers, which must
+    be attached already."""
+    note = note or (lambda message: None)
     config = model.config
     head_dim = head_dim_of(config)
     untie_embeddings(model, family)
     fuse_norms_into_linears(model, family, device)
-    r1 = random_hadamard(config.hidden_size, seed)
-    if residual == "pca_hadamard":
-        r1 = weight_pca_basis(model, family, device) @ r1.T
-    elif residual != "hadamard":
-        raise ValueError(f"unknown residual rotation {residual!r}; use 'hadamard' or 'pca_hadamard'")
-    rotate_residual(model, family, r1, device)
+    rotate_residual(model, family, residual_rotation(model, family, device, seed, residual, note), device)
     r2 = orthonormal_hadamard(head_dim)
+    applied = set()
     for _, block in iterate_blocks(model, family, device):
-        rotate_values(block, family, r2, head_dim)
+        if value_rotation:
+            rotate_values(block, family, r2, head_dim)
         add_online_down_hadamard(block, family)
+        applied.add(add_online_o_hadamard(block, family, config.num_attention_heads, o_proj_hadamard))
         block.get_submodule(family.attention).attention_quantizer.rotate_qk = True
+    if o_proj_hadamard == "cross_heads" and applied == {"full"}:
+        note(f"o_proj_hadamard=cross_heads: no Hadamard of order {config.num_attention_heads} (the head count); "
+             f"using one online Hadamard of the whole o_proj input ({config.num_attention_heads * head_dim}) instead")
 
 
 def quantize(model, family, ctx) -> None:
-    attach_quantizers(model, family, ctx.quant.a_bits, ctx.quant.kv_bits, ctx.method.act_clip_ratio,
-                      ctx.method.kv_clip_ratio)
-    apply_rotations(model, family, ctx.device, ctx.seed)
+    m = ctx.method
+    attach_quantizers(model, family, ctx.quant.a_bits, ctx.quant.kv_bits, m.act_clip_ratio, m.kv_clip_ratio)
+    apply_rotations(model, family, ctx.device, ctx.seed, o_proj_hadamard=enum_value(m.o_proj_hadamard),
+                    note=ctx.note)
     ctx.quantize_weights(model, family)

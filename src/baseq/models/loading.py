@@ -69,13 +69,29 @@ def resolve_model_path(path: str) -> str:
     return str(local) if looks_local else path
 
 
-def choose_dtype(name: str, path: str, device: torch.device) -> torch.dtype:
+def checkpoint_dtype(path: str, revision: str | None = None) -> torch.dtype | None:
+    """The dtype a hub or local checkpoint declares in its config.json (`dtype`, formerly `torch_dtype`)."""
+    from transformers import AutoConfig
+
+    kwargs = {"revision": revision} if revision else {}
+    declared = AutoConfig.from_pretrained(path, **kwargs).to_dict()
+    name = declared.get("dtype") or declared.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) else None
+
+
+def choose_dtype(name: str, path: str, device: torch.device, revision: str | None = None) -> torch.dtype:
+    """dtype=auto: float32 on a CPU (slow in half precision anyway) and for GGUF files (dequantized 4-bit
+    values are not exact in half precision); otherwise the checkpoint's own dtype, so a bf16 checkpoint
+    (Llama-3, Qwen2.5) is not cast to fp16, where its activations can overflow."""
     if name != "auto":
         return getattr(torch, name)
     if path.endswith(".gguf") or device.type == "cpu":
-        # dequantized 4-bit GGUF values are not exact in half precision; CPUs are slow in half anyway
         return torch.float32
-    return torch.float16
+    declared = checkpoint_dtype(path, revision)
+    if declared is None:
+        log.warning("%s declares no dtype in its config; loading it in float16 (set model.dtype to choose)", path)
+        return torch.float16
+    return declared
 
 
 def truncate_blocks(model, family, num_layers: int) -> None:
@@ -93,9 +109,9 @@ def load_model(path: str, dtype: str, device: torch.device, revision: str | None
     """Returns (model on the host, tokenizer, family). The model stays on the host; each stage moves what
     it needs to the device."""
     resolved = resolve_model_path(path)
-    torch_dtype = choose_dtype(dtype, resolved, device)
     kwargs: dict = {"revision": revision} if revision else {}
     try:
+        torch_dtype = choose_dtype(dtype, resolved, device, revision)
         if resolved.endswith(".gguf"):
             tokenizer, model = _load_gguf(Path(resolved), torch_dtype)
         else:
