@@ -103,7 +103,7 @@ def test_activation_quantizer_codes_match_the_fake_quantizer(gen, k, online_hada
         hadamard = OnlineHadamard(None if outer is None else outer.float().to(DEVICE), inner.float().to(DEVICE), block, k)
         assert (hadamard.left_factor is not None) == (outer is not None and k != 11008)
         reference_in = hadamard_transform(x, n=block)
-    ref_codes, ref_scale, ref_zero = asymmetric_codes((reference_in - bias) * scale, 4, 0.9)
+    ref_codes, ref_scale, ref_zero = asymmetric_codes(reference_in * scale - bias, 4, 0.9)
     codes, tok_scale, tok_offset = quantize_activations(x.to(DEVICE), 0.9, bias.to(DEVICE), scale.to(DEVICE), hadamard)
     codes, tok_scale, tok_offset = codes.cpu(), tok_scale.cpu(), tok_offset.cpu()
     assert codes.shape == (m, -(-k // PACK_GROUP) * PACK_GROUP)
@@ -166,6 +166,20 @@ def test_kv4_cache_roundtrip_equals_the_fake_kv_quantizer(gen, with_bias, with_h
     # the one-pass round trip is the same computation, to the bit
     one_pass = kv_cache_round_trip(x.to(DEVICE), 0.95, on(bias), on(hadamard)).cpu()
     assert torch.equal(one_pass, out), f"seed {gen.initial_seed()}"
+
+
+def test_kv4_cache_takes_one_learned_clip_per_head(gen):
+    from baseq.quant import KVQuantizer, effective_clip
+
+    fake = KVQuantizer(4, clip_ratio=0.9, learn_clip=True, heads=3)
+    with torch.no_grad():
+        fake.clip_logit.copy_(torch.tensor([2.0, -1.0, 0.5]).reshape(3, 1, 1))
+    x = torch.randn(2, 3, 5, 64, generator=gen)
+    clips = effective_clip(fake, torch.float32).detach()
+    out = kv_cache_round_trip(x.to(DEVICE), clips.to(DEVICE)).cpu()
+    torch.testing.assert_close(out, fake(x).detach(), rtol=1e-5, atol=1e-6, msg=f"seed {gen.initial_seed()}")
+    with pytest.raises(ValueError, match="one per head"):
+        kv_cache_round_trip(x.to(DEVICE), torch.ones(2, device=DEVICE))
 
 
 def test_rotate_heads_is_the_head_hadamard(gen):

@@ -48,6 +48,10 @@ def small_qwen2(**kw):   # FFN 320 = 20 * 16: an outer Hadamard factor of 20 (Pa
     ("quarot", small_llama, {"rotate": True}),
     ("baseq", small_llama, {"stage1_epochs": 1, "stage2_epochs": 1, "train_batch_size": 1, "kv_bias": True}),
     ("quarot", small_qwen2, {"rotate": True}),
+    # QuaRot's o_proj Hadamard: across the 4 heads, and (3 heads have none) the full-width fallback
+    ("quarot", small_llama, {"rotate": True, "o_proj_hadamard": "cross_heads"}),
+    ("quarot", lambda **kw: tiny_llama(hidden=48, ffn=192, heads=3, kv_heads=1, **kw),
+     {"rotate": True, "o_proj_hadamard": "cross_heads"}),
 ])
 def test_runtime_model_computes_the_fake_quant_model(method, make, overrides):
     model, ids = quantized(method, make(dtype=torch.float32), **overrides)
@@ -58,6 +62,9 @@ def test_runtime_model_computes_the_fake_quant_model(method, make, overrides):
         assert sum(isinstance(m, W4A4Linear) for m in model.modules()) == 7 * len(model.model.layers)
         attention = [m for m in model.modules() if isinstance(m, KV4AttentionQuantizer)]
         assert len(attention) == len(model.model.layers)
+        o_proj = model.model.layers[0].self_attn.o_proj
+        if overrides.get("o_proj_hadamard"):
+            assert o_proj.input_quantizer.online_head_groups == 4 or o_proj.input_quantizer.hadamard_inner is not None
         if method == "baseq":   # the BASE-Q terms reach the runtime: online bias and scale, K/V bias
             inputs = [m for m in model.modules() if isinstance(m, PackedInputQuantizer)]
             assert all(q.bias is not None and q.scale is not None for q in inputs)

@@ -38,16 +38,18 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
+    """HEAD (with -dirty for uncommitted changes), or BASEQ_GIT_COMMIT where the tree is a copy without .git
+    (the GPU machine: the script that copies the tree sets it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         if out.returncode != 0:
-            return None
+            return os.environ.get("BASEQ_GIT_COMMIT")
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("BASEQ_GIT_COMMIT")
 
 
 def host_peak_memory_gb() -> float:
