@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 10's measurements on one GPU (docs/results.md, "BASE-Q and QuaRot as their references define them"):
+# SmolLM2-135M (embedded) and Qwen2.5-Coder-0.5B-Instruct (BASEQ_QWEN05, staged by ../shared/tools/gpu-stage
+# --model qwen05), full protocol: fp, QuaRot with and without its o_proj Hadamard, BASE-Q with quantized vs
+# fp block inputs, 1+1 vs 3+5 epochs, the token-normalised loss, the authors' recipe, the Table 2 ladder.
+# Usage: DATA_ROOT=/path/to/data RESULTS=/path/to/results PARALLEL=6 experiments/fidelity_gpu.sh job ...
+# Jobs run PARALLEL at a time on the one GPU, in the order given; each writes one record under $RESULTS/runs
+# and a log under $RESULTS/logs; logs/progress says when each started and ended.
+set -u
+cd "$(dirname "$0")/.."
+R=${RESULTS:-results/fidelity_gpu}; L=$R/logs; mkdir -p "$L"
+S="model=smollm2-135m"
+Q="model=qwen2.5-coder-0.5b eval.zeroshot.batch_size=16"   # 151k vocabulary: smaller lm-eval batches
+HELD="method.heldout_samples=16"
+declare -A JOBS=(
+  [s_fp]="$S method=fp eval=full"
+  [s_quarot]="$S method=quarot eval=full"
+  [s_quarot_no_o]="$S method=quarot method.o_proj_hadamard=none"
+  [s_baseq]="$S method=baseq eval=full"
+  [s_baseq_fp_inputs]="$S method=baseq method.train_inputs=fp method.gptq_inputs=fp"
+  [s_baseq_e11]="$S method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
+  [s_baseq_e11_held]="$S method=baseq method.stage1_epochs=1 method.stage2_epochs=1 $HELD"
+  [s_baseq_e35_held]="$S method=baseq $HELD"
+  [s_baseq_token_loss]="$S method=baseq method.loss=token_normalized_mse"
+  [s_baseq_authors]="$S method=baseq_authors"
+  [s_ladder_quarot]="$S method=baseq_ablation/quarot"
+  [s_ladder_rv]="$S method=baseq_ablation/rv"
+  [s_ladder_rv_bias]="$S method=baseq_ablation/rv_bias"
+  [s_ladder_rv_bias_ascale]="$S method=baseq_ablation/rv_bias_ascale"
+  [q_fp]="$Q method=fp eval=full"
+  [q_quarot]="$Q method=quarot eval=full"
+  [q_quarot_no_o]="$Q method=quarot method.o_proj_hadamard=none"
+  [q_baseq]="$Q method=baseq eval=full"
+  [q_baseq_fp_inputs]="$Q method=baseq method.train_inputs=fp method.gptq_inputs=fp"
+  [q_baseq_e11]="$Q method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
+  [q_baseq_token_loss]="$Q method=baseq method.loss=token_normalized_mse"
+  [q_baseq_authors]="$Q method=baseq_authors"
+  [q_ladder_quarot]="$Q method=baseq_ablation/quarot"
+  [q_ladder_rv]="$Q method=baseq_ablation/rv"
+  [q_ladder_rv_bias]="$Q method=baseq_ablation/rv_bias"
+  [q_ladder_rv_bias_ascale]="$Q method=baseq_ablation/rv_bias_ascale"
+)
+common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")
+run_one() {
+  echo "$(date -u +%FT%TZ) start $1" >> "$L/progress"
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1
+  echo "$(date -u +%FT%TZ) end $1 rc=$?" >> "$L/progress"
+}
+for job in "$@"; do
+  [ -n "${JOBS[$job]:-}" ] || { echo "unknown job $job (known: ${!JOBS[*]})" >&2; exit 2; }
+done
+for job in "$@"; do
+  while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-4}" ]; do wait -n; done
+  run_one "$job" &
+done
+wait
