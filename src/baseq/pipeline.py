@@ -60,6 +60,8 @@ def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg:
         with timer.stage(f"{prefix}eval_ppl"):
             nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
         metrics.update(wikitext2_ppl=perplexity(nlls), wikitext2_windows=int(windows.shape[0]))
+        log.info("%s%s wikitext2_ppl = %.6f (%d windows)", prefix, method_cfg.name, metrics["wikitext2_ppl"],
+                 windows.shape[0])
     if cfg.eval.zeroshot is not None:
         zs = cfg.eval.zeroshot
         root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
