@@ -18,6 +18,7 @@ declare -A JOBS=(
   [s_quarot_ppl]="$S method=quarot"
   [s_quarot_no_o]="$S method=quarot method.o_proj_hadamard=none"
   [s_baseq]="$S method=baseq eval=full"
+  [s_baseq_ppl]="$S method=baseq"
   [s_baseq_fp_inputs]="$S method=baseq method.train_inputs=fp method.gptq_inputs=fp"
   [s_baseq_e11]="$S method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
   [s_baseq_e11_held]="$S method=baseq method.stage1_epochs=1 method.stage2_epochs=1 $HELD"
