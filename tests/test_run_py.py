@@ -135,8 +135,8 @@ def test_kernels_eval_without_a_gpu_is_one_line(tiny_model_dirs, tiny_data_root,
 
 
 def test_authors_recipe_and_quarot_record_what_could_not_apply(tiny_model_dirs, tiny_data_root, tmp_path):
-    # tiny models: hidden 64, 4 heads of 16. The authors' preset with one epoch per stage, QuaRot without its
-    # cross-head Hadamard compared in the same job
+    # tiny models: hidden 64, 4 heads of 16. The authors' preset with one epoch per stage, and QuaRot (with its
+    # cross-head o_proj Hadamard) compared in the same job
     out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=baseq_authors",
                         "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[quarot]"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -150,3 +150,14 @@ def test_authors_recipe_and_quarot_record_what_could_not_apply(tiny_model_dirs, 
     # 4 heads have a Hadamard: QuaRot's cross-head transform applies and nothing needs saying
     assert "notes" not in rec["metrics"]["compare"]["quarot"].get("method_report", {})
     assert rec["metrics"]["wikitext2_ppl"] > 1
+
+
+def test_summary_table_shows_what_a_method_could_not_apply():
+    from baseq.pipeline import summary_table
+
+    note = "o_proj_hadamard=cross_heads: no Hadamard of order 9 (the head count); using ..."
+    record = {"model": "m", "quant": "w4a4kv4", "protocol": "full", "method": "quarot", "record_path": "r.json",
+              "metrics": {"wikitext2_ppl": 42.0, "wikitext2_windows": 3, "method_report": {"notes": [note]},
+                          "compare": {"fp": {"wikitext2_ppl": 21.0}}}}
+    table = summary_table(record)
+    assert f"note (quarot): {note}" in table and "+21.000" in table

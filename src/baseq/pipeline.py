@@ -172,5 +172,8 @@ def summary_table(record: dict) -> str:
             delta = f"{m[key] - fp[key]:+.3f}" if key in m and key in fp and name != "fp" else ""
             cells.append(f"{value:>{width}}{delta:>12}")
         lines.append(f"{name:<28}" + "".join(cells))
+    for name, m in rows:
+        for note in m.get("method_report", {}).get("notes", []):
+            lines.append(f"note ({name}): {note}")
     lines.append(f"record: {record['record_path']}")
     return "\n".join(lines)
