@@ -1,8 +1,9 @@
 """The paper's tables and plots, regenerated from run records.
 
-    python -m analysis.tables <results_dir> [--out DIR] [--quant w4a4kv4] [--method baseq]
+    python -m analysis.tables <results_dir> [--out DIR] [--protocol full] [--quant w4a4kv4] [--method baseq]
 
-Reads <results_dir>/runs/*.json and writes to --out (default <results_dir>/analysis):
+Reads <results_dir>/runs/*.json and writes one set of tables per protocol (analysis/protocol.py: `full`,
+`cpu-preset`) to <out>/<protocol>/ (--out default <results_dir>/analysis; --protocol: only that one):
 
     table1.{md,tex,csv}      zero-shot average and WikiText-2 ppl per model x method (fp, quarot, spinquant,
                              ostquant, baseq), ours next to the paper's
@@ -12,8 +13,14 @@ Reads <results_dir>/runs/*.json and writes to --out (default <results_dir>/analy
     gap_closed.{md,tex,csv}  the share of the gap to full precision that --method closes relative to QuaRot,
                              SpinQuant and OSTQuant (DESIGN.md section 7), accuracy and ppl
     ppl_by_method.png, accuracy_by_method.png
+    sources.csv              per (model, method, quant, metric) of ours: the run and record file it comes from
 
-Which runs count: status "done" only; per (model, method, quant) the newest record (by finished_at). A
+and <out>/excluded.{md,csv}: the runs of no protocol (`custom`: a config that differs from its protocol's
+defaults in something that changes numbers, e.g. one training epoch or a model cut to 10 blocks), each with
+the keys that differ. They are in no table: custom runs differ from one another too.
+
+Which runs count: status "done" only; a protocol's tables hold only runs of that protocol; per (model,
+method, quant) the newest record (by finished_at). A
 record's comparison methods (metrics.compare) count as runs of those methods, below standalone records of
 the same key. Full precision ignores the quant preset, so fp runs of any preset are one key per model.
 Missing runs are blank cells, never zeros. Accuracies are in percent, as the records and the paper hold them.
@@ -35,6 +42,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from analysis.protocol import CUSTOM, PROTOCOLS, classify
 
 TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "openbookqa", "piqa", "social_iqa",
          "winogrande")
@@ -70,6 +79,9 @@ class Run:
     run_id: str
     standalone: bool              # False: a comparison method inside another record
     metrics: dict[str, float]     # METRICS present in the record
+    protocol: str = "full"        # analysis.protocol: full, cpu-preset or custom
+    record_path: str = ""
+    excluded_because: str = ""    # for custom runs: the keys that differ from the protocol's defaults
 
 
 def _metrics_of(metrics: dict) -> dict[str, float]:
@@ -84,7 +96,8 @@ def _metrics_of(metrics: dict) -> dict[str, float]:
 
 
 def read_runs(results_dir: str | Path) -> list[Run]:
-    """Every done record under <results_dir>/runs, and the comparison methods inside them."""
+    """Every done record under <results_dir>/runs, and the comparison methods inside them, each with its
+    protocol."""
     runs = []
     for path in sorted((Path(results_dir) / "runs").glob("*.json")):
         try:
@@ -97,11 +110,14 @@ def read_runs(results_dir: str | Path) -> list[Run]:
         stamp = record.get("finished_at") or ""
         metrics = record.get("metrics") or {}
         model = _model_label(record)
-        runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp,
-                        record.get("run_id", path.stem), True, _metrics_of(metrics)))
+        run_id = record.get("run_id", path.stem)
+        verdict = classify(record)
+        runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp, run_id, True,
+                        _metrics_of(metrics), verdict.protocol, str(path), verdict.reason))
         for method, compared in (metrics.get("compare") or {}).items():
-            runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp,
-                            record.get("run_id", path.stem), False, _metrics_of(compared)))
+            verdict = classify(record, compared_method=method)
+            runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp, run_id, False,
+                            _metrics_of(compared), verdict.protocol, str(path), verdict.reason))
     return runs
 
 
@@ -125,21 +141,33 @@ def runs_by_preference(runs: Iterable[Run]) -> dict[tuple[str, str, str], list[R
 
 
 class Results:
-    """Our numbers for one quant preset: value(model, method, metric) or None. A metric comes from the
-    first run (in runs_by_preference order) that measured it, so a zero-shot-only run does not hide the
-    perplexity of an earlier run of the same configuration."""
+    """Our numbers for one quant preset and one protocol: value(model, method, metric) or None. A metric
+    comes from the first run (in runs_by_preference order) that measured it, so a zero-shot-only run does not
+    hide the perplexity of an earlier run of the same configuration. Runs of other protocols are left out."""
 
-    def __init__(self, runs: Iterable[Run], quant: str):
+    def __init__(self, runs: Iterable[Run], quant: str, protocol: str = "full"):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: tables exist for {', '.join(PROTOCOLS)} only")
         self.quant = quant
-        self.by_key = {(m, me): r for (m, me, q), r in runs_by_preference(runs).items() if q in (quant, FP_QUANT)}
+        self.protocol = protocol
+        mine = [r for r in runs if r.protocol == protocol]
+        self.by_key = {(m, me): r for (m, me, q), r in runs_by_preference(mine).items() if q in (quant, FP_QUANT)}
 
     def value(self, model: str, method: str, metric: str) -> float | None:
+        run = self.source(model, method, metric)
+        return None if run is None else run.metrics[metric]
+
+    def source(self, model: str, method: str, metric: str) -> Run | None:
+        """The run that value(model, method, metric) comes from."""
         for run in self.by_key.get((model, method), []):
             if metric in run.metrics:
-                return run.metrics[metric]
+                return run
         if method == f"{ABLATION_PREFIX}/full":  # the ladder's top rung is method=baseq with every switch on
-            return self.value(model, "baseq", metric)
+            return self.source(model, "baseq", metric)
         return None
+
+    def label(self) -> str:
+        return f"{self.quant}, protocol {self.protocol}"
 
     def models(self) -> list[str]:
         return order_models({m for m, _ in self.by_key})
@@ -262,11 +290,12 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
-UNCERTAIN_NOTE = "? = uncertain transcription of the paper (analysis/paper_reference.csv); blank = no run / not reported."
+UNCERTAIN_NOTE = ("? = uncertain transcription of the paper (analysis/paper_reference.csv); blank = no run / not "
+                  "reported; the record of each of our numbers: sources.csv.")
 
 
 def table1(ours: Results, paper: PaperReference) -> Table:
-    table = Table("table1", f"Table 1: WikiText-2 ppl and 9-task zero-shot average, {ours.quant}",
+    table = Table("table1", f"Table 1: WikiText-2 ppl and 9-task zero-shot average, {ours.label()}",
                   ["model", "method", "0-shot avg", "0-shot avg (paper)", "Wiki2 ppl", "Wiki2 ppl (paper)"],
                   notes=[UNCERTAIN_NOTE])
     for model in ours.models():
@@ -285,7 +314,7 @@ def ladder_methods(methods: Iterable[str]) -> list[str]:
 
 
 def table2(ours: Results, paper: PaperReference) -> Table:
-    table = Table("table2", f"Table 2: ablation ladder, WikiText-2 ppl, {ours.quant} (change from the rung above)",
+    table = Table("table2", f"Table 2: ablation ladder, WikiText-2 ppl, {ours.label()} (change from the rung above)",
                   ["model", "method", "Wiki2 ppl", "change", "Wiki2 ppl (paper)", "change (paper)"],
                   notes=[UNCERTAIN_NOTE])
     ablated = [m for m in ours.models() if ladder_methods(ours.methods(m))]
@@ -310,7 +339,7 @@ def _delta(value: float | None, previous: float | None) -> float | None:
 
 
 def appendix_a(ours: Results, paper: PaperReference) -> Table:
-    table = Table("appendix_a", f"Appendix A: zero-shot accuracy per task (%), {ours.quant}",
+    table = Table("appendix_a", f"Appendix A: zero-shot accuracy per task (%), {ours.label()}",
                   ["model", "method", "source", *TASK_LABELS, "Avg.", "Wiki2"], notes=[UNCERTAIN_NOTE])
     for model in ours.models():
         present = ours.methods(model)
@@ -353,7 +382,7 @@ def mean_gap_closed(lookup, models: list[str], method: str, baseline: str, metri
 
 
 def gap_table(ours: Results, paper: PaperReference, method: str) -> Table:
-    table = Table("gap_closed", f"Gap to full precision closed by {method_label(method)} (%), {ours.quant}",
+    table = Table("gap_closed", f"Gap to full precision closed by {method_label(method)} (%), {ours.label()}",
                   ["model", "vs", "acc gap closed", "acc gap closed (paper)", "ppl gap closed",
                    "ppl gap closed (paper)"],
                   notes=["gap closed = 1 - (FP - M) / (FP - B) (DESIGN.md section 7; for ppl: lower is better). "
@@ -462,31 +491,81 @@ def plot_metric(ours: Results, paper: PaperReference, metric: str, path: Path, y
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def write_all(results_dir: str | Path, out: str | Path | None = None, quant: str = "w4a4kv4",
-              method: str = "baseq", reference: Path = REFERENCE_CSV) -> list[Path]:
-    out = Path(out) if out else Path(results_dir) / "analysis"
+def sources_table(ours: Results) -> Table:
+    """Where each of our numbers comes from: the run and record file that Results.value reads, and how many
+    other runs of the same key measured the metric (older ones, or a comparison below a standalone run)."""
+    table = Table("sources", f"Sources of our numbers, {ours.label()}",
+                  ["model", "method", "quant", "metric", "value", "run_id", "record", "finished_at", "other_runs"])
+    for (model, method), runs in sorted(ours.by_key.items()):
+        for metric in METRICS:
+            run = ours.source(model, method, metric)
+            if run is not None:
+                others = sum(metric in r.metrics for r in runs) - 1
+                table.add(model, method, run.quant, metric, run.metrics[metric], run.run_id, run.record_path,
+                          run.finished_at, str(others))
+    return table
+
+
+def excluded_table(runs: Iterable[Run]) -> Table:
+    """The runs of no protocol, with the reason; they appear in no table."""
+    table = Table("excluded", "Runs in no table: their config differs from their protocol's defaults",
+                  ["model", "method", "quant", "run_id", "record", "differs from the protocol"],
+                  notes=["analysis/protocol.py says which keys count; compare_with, paths and batch sizes do not."])
+    for run in sorted(runs, key=lambda r: (r.record_path, not r.standalone, r.method)):
+        if run.protocol == CUSTOM:
+            table.add(run.model, run.method, run.quant, run.run_id, run.record_path, run.excluded_because)
+    return table
+
+
+def write_protocol(runs: list[Run], out: Path, protocol: str, quant: str, method: str,
+                   paper: PaperReference) -> list[Path]:
+    """Every table and plot of one protocol, into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    ours = Results(read_runs(results_dir), quant)
-    paper = PaperReference(reference)
+    ours = Results(runs, quant, protocol)
     written: list[Path] = []
     for table in (table1(ours, paper), table2(ours, paper), appendix_a(ours, paper), gap_table(ours, paper, method)):
         written += table.write(out)
+    sources = out / "sources.csv"
+    sources_table(ours).write_csv(sources)
+    written.append(sources)
     if ours.models():
         written.append(plot_metric(ours, paper, "wikitext2_ppl", out / "ppl_by_method.png", "WikiText-2 ppl"))
         written.append(plot_metric(ours, paper, "zeroshot_avg", out / "accuracy_by_method.png", "zero-shot avg (%)"))
     return written
 
 
+def write_all(results_dir: str | Path, out: str | Path | None = None, quant: str = "w4a4kv4",
+              method: str = "baseq", reference: Path = REFERENCE_CSV, protocol: str | None = None) -> list[Path]:
+    """Tables of each protocol found in the records (or only `protocol`) into <out>/<protocol>/, and the
+    list of excluded runs into <out>/excluded.{md,csv}."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
+    out = Path(out) if out else Path(results_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = read_runs(results_dir)
+    paper = PaperReference(reference)
+    found = [p for p in PROTOCOLS if any(r.protocol == p for r in runs)]
+    written: list[Path] = []
+    for name in [protocol] if protocol else found:
+        written += write_protocol(runs, out / name, name, quant, method, paper)
+    excluded = excluded_table(runs)   # md and csv only: a LaTeX list of excluded runs is of no use
+    (out / "excluded.md").write_text(excluded.markdown())
+    excluded.write_csv(out / "excluded.csv")
+    return written + [out / "excluded.md", out / "excluded.csv"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", type=Path, help="a results_dir holding runs/*.json")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <results_dir>/analysis)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="only this protocol's tables (default: every protocol the records have)")
     parser.add_argument("--quant", default="w4a4kv4", help="the quant preset of the tables (default: w4a4kv4)")
     parser.add_argument("--method", default="baseq", help="the method whose gap closing is computed")
     args = parser.parse_args(argv)
     if not (args.results_dir / "runs").is_dir():
         parser.error(f"{args.results_dir} has no runs/ folder; give the results_dir of the runs")
-    for path in write_all(args.results_dir, args.out, args.quant, args.method):
+    for path in write_all(args.results_dir, args.out, args.quant, args.method, protocol=args.protocol):
         print(path)
 
 

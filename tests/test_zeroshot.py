@@ -126,3 +126,91 @@ def test_uncached_files_are_read_in_place(data_root):
     assert zeroshot.local_data_file("lambada_openai", data_root) == (data_root / "lambada_openai" /
                                                                       "lambada_test.jsonl").resolve()
     assert Path(zeroshot.local_data_file("piqa", data_root)).parent == zeroshot.cache_dir()
+
+
+def test_conversion_cache_key_is_the_content_not_the_path(tmp_path):
+    """The same source files at two places (another checkout, machine or copy time) share one conversion."""
+    rows = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n"
+    first, second = tmp_path / "a" / "piqa", tmp_path / "elsewhere" / "b" / "piqa"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+        (folder / "valid.jsonl").write_text(rows)
+        (folder / "valid-labels.lst").write_text("1\n")
+    os.utime(second / "valid.jsonl", (1_000_000, 1_000_000))   # another modification time
+    key = zeroshot.conversion_key("piqa", [first / "valid.jsonl", first / "valid-labels.lst"])
+    assert zeroshot.conversion_key("piqa", [second / "valid.jsonl", second / "valid-labels.lst"]) == key
+    (second / "valid-labels.lst").write_text("0\n")    # other content: another conversion
+    assert zeroshot.conversion_key("piqa", [second / "valid.jsonl", second / "valid-labels.lst"]) != key
+    assert zeroshot.conversion_key("social_iqa", [first / "valid.jsonl", first / "valid-labels.lst"]) != key
+
+
+def test_batch_size_respects_the_logits_budget():
+    from baseq.evaluation.bounded_hflm import batch_size_for
+
+    vocab, nbytes, budget = 151_936, 8, 4 * 2**30          # Qwen2's vocabulary, fp32 logits + fp32 log-softmax
+    for length in (1, 30, 200, 1200, 4096, 32_768):
+        size = batch_size_for(length, vocab, nbytes, budget, max_batch=64)
+        assert 1 <= size <= 64
+        assert size == 1 or size * length * vocab * nbytes <= budget                   # fits
+        assert size == 64 or (size + 1) * length * vocab * nbytes > budget             # and is the largest that fits
+    assert batch_size_for(30, vocab, nbytes, budget, max_batch=64) == 64               # short requests: the full batch
+    assert batch_size_for(1200, vocab, nbytes, budget, max_batch=64) == 2
+    assert batch_size_for(32_768, vocab, nbytes, budget, max_batch=64) == 1            # over budget alone: still 1
+
+
+@pytest.fixture(scope="module")
+def large_vocab_model():
+    """A tiny Llama with a 50k vocabulary (its logits dominate memory, as Qwen2's do) and a small tokenizer."""
+    from conftest import SAMPLE_TEXT, tiny_llama, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT)
+    model = tiny_llama(hidden=64, ffn=128, heads=4, kv_heads=2, vocab=50_000, dtype=torch.float64)
+    return model, tokenizer
+
+
+def loglikelihood_requests(count: int = 12):
+    """(context, continuation) pairs of many lengths, as lm-eval's multiple-choice tasks make them."""
+    from lm_eval.api.instance import Instance
+
+    words = ("Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role playing video game developed by "
+             "Sega and Media.Vision for the PlayStation Portable .").split()
+    pairs = [(" ".join((words * 8)[: 3 + 7 * i]), " " + words[i % len(words)]) for i in range(count)]
+    pairs += [(" ".join(words[i : i + 2]), " " + words[i + 2]) for i in range(8)]   # short ones, a full batch
+    return [Instance("loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+
+
+def test_memory_bounded_batches_give_lm_evals_loglikelihoods(large_vocab_model):
+    from lm_eval.models.huggingface import HFLM
+
+    from baseq.evaluation.bounded_hflm import MemoryBoundedHFLM
+
+    model, tokenizer = large_vocab_model
+    requests = loglikelihood_requests()
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=6).loglikelihood(requests)
+    budget = 72 * 50_000 * 16              # 72 tokens of float64 logits + float64 log-softmax
+    bounded = MemoryBoundedHFLM(pretrained=model, tokenizer=tokenizer, max_batch_size=6, logits_budget_bytes=budget)
+    shapes = []
+    model_call = bounded._model_call
+    bounded._model_call = lambda inps, **kw: shapes.append(tuple(inps.shape)) or model_call(inps, **kw)
+    ours = bounded.loglikelihood(requests)
+    assert [b for _, b in ours] == [b for _, b in plain]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in plain], rel=1e-9, abs=1e-9)
+    assert all(n == 1 or n * length * 50_000 * 16 <= budget for n, length in shapes), shapes
+    assert shapes[0][0] == 1 and any(n == 6 for n, _ in shapes)        # the longest alone, short ones 6 at once
+    assert sum(n for n, _ in shapes) <= len(requests)       # (lm-eval scores one-token continuations of a context once)
+
+
+def test_memory_bounded_evaluation_scores_as_plain_lm_eval(large_vocab_model, data_root):
+    """evaluate_zeroshot with a budget that splits batches scores a task subset as lm-eval's plain HFLM does."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = large_vocab_model
+    tasks = ["arc_easy", "boolq"]
+    manager, loaded = load_tasks(tasks, data_root)
+    plain = simple_evaluate(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=list(loaded.values()),
+                            task_manager=manager, limit=6, bootstrap_iters=0, log_samples=False)["results"]
+    ours = evaluate_zeroshot(model, tokenizer, tasks, data_root, limit=6, batch_size=4, device=torch.device("cpu"),
+                             logits_budget_bytes=100 * 50_000 * 16)    # BoolQ's passages: batches of 1
+    for task in tasks:
+        assert ours["zeroshot"][task] == pytest.approx(100 * zeroshot.headline_metric(plain[task])[1])

@@ -150,9 +150,24 @@ def check_tasks(tasks: list[str]) -> None:
         raise UserError(f"no zero-shot tasks given; available: {', '.join(ZERO_SHOT_TASKS)}")
 
 
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def conversion_key(task: str, sources: list[Path]) -> str:
+    """The cache key of a conversion: the task, CONVERTER_VERSION and the sources' contents. No paths or
+    modification times, so that the same data copied elsewhere (another checkout or machine) hits the cache."""
+    contents = ",".join(file_digest(p) for p in sources)
+    return hashlib.sha256(f"{task}|v{CONVERTER_VERSION}|{contents}".encode()).hexdigest()[:16]
+
+
 def local_data_file(task: str, data_root: Path) -> Path:
     """The JSON lines file lm-eval reads for `task`: the local copy itself, or its conversion to the hub's
-    schema (cached, keyed by the source files' paths, sizes and modification times)."""
+    schema (cached under cache_dir(), keyed by conversion_key)."""
     spec = LOCAL_FILES[task]
     sources = [Path(data_root) / rel for rel in spec.files]
     for path in sources:
@@ -162,9 +177,7 @@ def local_data_file(task: str, data_root: Path) -> Path:
                             f"the task")
     if spec.convert is None:
         return sources[0].resolve()
-    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)
-    key = hashlib.sha256(f"{task}|v{CONVERTER_VERSION}|{stamp}".encode()).hexdigest()[:16]
-    out = cache_dir() / f"{task}-{key}.jsonl"
+    out = cache_dir() / f"{task}-{conversion_key(task, sources)}.jsonl"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         # temp file + rename: concurrent jobs may convert the same file; each rename is atomic
@@ -267,24 +280,34 @@ def headline_metric(task_result: dict) -> tuple[str, float]:
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None, limit: int | None,
-                      batch_size: int, device: torch.device) -> dict:
+                      batch_size: int, device: torch.device, logits_budget_bytes: int | None = None) -> dict:
     """{"zeroshot": {task: accuracy in percent}, "zeroshot_avg": their mean}.
 
     data_root: a folder with the local copies, or None for the hub (pass `data.resolve_data_root(...)` so
     zero-shot reads from the same root as perplexity). limit: the first N documents of each task (quick
-    runs; None = all). The model is moved to `device` for the evaluation and back to where it was after.
+    runs; None = all). batch_size: the largest batch; long requests get smaller ones so that a batch's
+    logits fit logits_budget_bytes (default: a share of the memory free on `device` once the model is
+    there; see bounded_hflm.py). The model is moved to `device` for the evaluation and back after.
     """
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .bounded_hflm import LOGITS_SHARE_OF_FREE, MemoryBoundedHFLM, free_memory_bytes
 
     if limit is not None and limit < 1:
         raise UserError(f"zero-shot limit={limit} must be >= 1, or null for every document")
+    if batch_size < 1:
+        raise UserError(f"zero-shot batch_size={batch_size} must be >= 1 (it is the largest batch)")
     tasks = list(tasks)
     manager, loaded = load_tasks(tasks, data_root)
     home = next(model.parameters()).device
     model.to(device)
-    try:   # (lm-eval runs the model under torch.no_grad itself)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:   # (lm-eval runs the model under torch.no_grad itself; all tasks share this one HFLM)
+        if logits_budget_bytes is None:
+            logits_budget_bytes = int(LOGITS_SHARE_OF_FREE * free_memory_bytes(device))
+        lm = MemoryBoundedHFLM(pretrained=model, tokenizer=tokenizer, max_batch_size=batch_size,
+                               logits_budget_bytes=logits_budget_bytes)
+        log.info("zero-shot: batches of up to %d requests, fewer where their logits would exceed %.1f GiB",
+                 batch_size, logits_budget_bytes / 2**30)
         # bootstrap_iters=0: no stderr bootstrap (100k resamples per task otherwise); log_samples=False
         # keeps every document's outputs out of memory
         out = simple_evaluate(lm, tasks=list(loaded.values()), task_manager=manager, limit=limit,

@@ -1,5 +1,6 @@
-"""Triton kernels for real W4A4 inference (imported as `baseq_kernels`; the folder is `kernels/`, the import
-name avoids the unrelated `kernels` package on PyPI).
+"""Triton kernels for real W4A4 inference (imported as `baseq_kernels`, from kernels/baseq_kernels/). The import
+name avoids the unrelated `kernels` package on PyPI, and kernels/ has no __init__.py so that running from the
+checkout never finds that folder as `kernels` (transformers probes for it; see tests/test_packaging.py).
 
 Data layout shared by the kernels (the contract `baseq.runtime` builds on):
 
