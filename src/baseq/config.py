@@ -176,6 +176,10 @@ class RunConfig:
     protocol: str = "${protocol_name:${device}}"
     # skip a run whose configuration (baseq.sweep.run_key) already has a done record; false: run it again
     resume: bool = True
+    # save the run's quantized model to <results_dir>/models/<run_id>/ (safetensors + manifest, baseq.saving)
+    save_quantized: bool = False
+    # evaluate the quantized model saved in this folder instead of quantizing (null: quantize)
+    load_quantized: Optional[str] = None
 
 
 def resolve_device(device: Device | str):
