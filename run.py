@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -30,12 +31,18 @@ def main(cfg: DictConfig) -> float | None:
     sweep: the job is noted as failed (its record, if it got that far, says `failed`) and the sweep goes
     on; baseq.sweep.FailedJobsReport lists the failed jobs at the end and exits non-zero."""
     from baseq.records import new_run_id, record_path
+    from baseq.signals import Preempted
     from baseq.sweep import note_failed_job
 
     hydra_cfg = HydraConfig.get()
     run_id = new_run_id(cfg.model.name, cfg.method.name, cfg.quant.name)
     try:
         return run(cfg, run_id)
+    except Preempted as err:
+        # SIGTERM stops a sweep too (it was meant for the whole process); rerunning the command resumes
+        print(f"{err}: record {record_path(cfg.results_dir, run_id)} says preempted; run the same command again "
+              f"to resume", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             if isinstance(err, UserError):

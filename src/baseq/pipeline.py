@@ -234,7 +234,7 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
 
 def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, DictConfig], device: torch.device,
                 run_key: str | None) -> None:
-    previous = find_resumable_record(cfg.results_dir, run_key) if run_key else None
+    previous = find_resumable_record(cfg.results_dir, run_key, record.data["run_id"]) if run_key else None
     plan = carry_over(record, previous, cfg, compare_methods) if previous else {}
     if previous:
         log.info("resuming from %s: carried %s", previous["record_path"], ", ".join(record.data["stages_done"]) or "nothing")

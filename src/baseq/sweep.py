@@ -159,11 +159,13 @@ def find_outdated_done_record(results_dir: str | Path, parts: dict) -> tuple[dic
     return max(found, key=lambda found: found[0].get("finished_at") or "", default=None)
 
 
-def find_resumable_record(results_dir: str | Path, key: str) -> dict | None:
-    """The newest record of `key` that stopped before the end: `preempted`, or `running` (called under
-    the key's lock, a running record's process is gone: killed without a chance to write, e.g. SIGKILL)."""
+def find_resumable_record(results_dir: str | Path, key: str, this_run_id: str | None = None) -> dict | None:
+    """The newest record of `key` that stopped before the end: `preempted`, or `running` but not this
+    run's own (called under the key's lock, a running record's process is gone: killed without a chance
+    to write, e.g. by SIGKILL)."""
     found = [{**record, "record_path": str(path)} for path, record in _records(results_dir)
-             if record.get("run_key") == key and record.get("status") in ("preempted", "running")]
+             if record.get("run_key") == key and record.get("status") in ("preempted", "running")
+             and record.get("run_id") != this_run_id]
     return max(found, key=lambda r: r.get("started_at") or "", default=None)
 
 
