@@ -138,3 +138,37 @@ def test_a_multirun_goes_on_past_failing_jobs_and_lists_them(tiny_model_dirs, ti
     [load_failure] = [line for line in lines if "model.num_layers=999 method.gptq.damp=0.01" in line]
     assert f"record {failed['record_path']}" in load_failure
     assert all("must be > 0" in line and "no record" in line for line in lines if "damp=-1" in line)
+
+
+def test_sigterm_raises_preempted_once_and_the_handler_is_restored():
+    from baseq.signals import Preempted, stop_signals_raise
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="stopped by SIGTERM"):
+        with stop_signals_raise() as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert received == ["SIGTERM"] and signal.getsignal(signal.SIGTERM) is before
+    with stop_signals_raise() as received:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except Preempted:
+            os.kill(os.getpid(), signal.SIGTERM)   # while the record is written: noted, not raised
+            time.sleep(0.2)
+    assert received == ["SIGTERM", "SIGTERM"]
+
+
+def test_a_launchers_own_handler_keeps_running():
+    """Under submitit the preemption signal's handler (checkpoint, requeue, exit) is the launcher's."""
+    from baseq.signals import stop_signals_raise
+
+    calls = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        with stop_signals_raise() as received:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)
+        assert calls == [signal.SIGUSR2] and received == ["SIGUSR2"]
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -54,9 +54,9 @@ def test_preempted_slurm_job_is_requeued_and_resumes(tiny_model_dirs, tmp_path):
            "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     results = tmp_path / "results"
     # timeout_min=60: the signal comes early in the job's time, so submitit treats it as a preemption
-    args = ["-m", "launcher=slurm", "method=quarot", "compare_with=[fp]", "save_quantized=true",
-            "eval.ppl.max_windows=null", "hydra.launcher.timeout_min=60", "hydra.launcher.cpus_per_task=1",
-            *tiny_args(tiny_model_dirs["llama"], slow_data_root(tmp_path / "data"), results)]
+    args = ["-m", "launcher=slurm", *tiny_args(tiny_model_dirs["llama"], slow_data_root(tmp_path / "data"), results),
+            "method=quarot", "compare_with=[fp]", "save_quantized=true", "eval.ppl.max_windows=null",
+            "hydra.launcher.timeout_min=60", "hydra.launcher.cpus_per_task=1"]
     sweep = subprocess.Popen([sys.executable, "run.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     wait_for_stage(results, "eval_ppl", sweep)

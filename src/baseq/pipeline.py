@@ -170,6 +170,8 @@ def carry_over(record: RunRecord, previous: dict, cfg: DictConfig, compare_metho
         saved = previous.get("quantized_model") if name is None and "save_quantized" in done else None
         if quantized and finished_evals == evaluation_stages(cfg, method_cfg):
             plan[name], carried = "done", done
+            if name is None and previous.get("quantized_model"):
+                record.data["quantized_model"] = previous["quantized_model"]
         elif saved and (Path(saved) / MANIFEST).is_file():
             plan[name], carried = saved, ["save_quantized", *finished_evals]
             record.data["quantized_model"] = saved
@@ -181,6 +183,8 @@ def carry_over(record: RunRecord, previous: dict, cfg: DictConfig, compare_metho
             for stage in carried:
                 if prefix + stage in previous.get("timings_s", {}):
                     record.timer.seconds[prefix + stage] = previous["timings_s"][prefix + stage]
+    if record.data["stages_done"]:   # what the carried stages read (calibration, test set)
+        record.data["data_sources"].update(previous.get("data_sources", {}))
     record.data["resumed_from"] = previous["record_path"]
     record.write()
     return plan

@@ -38,12 +38,13 @@ def stop_signals_raise() -> Iterator[list[str]]:
     previous: dict[int, object] = {}
 
     def on_signal(signum: int, frame) -> None:
+        first = not received
         received.append(signal.Signals(signum).name)
         chained = previous[signum]
         if callable(chained):
             chained(signum, frame)   # e.g. submitit: checkpoint, requeue, exit
-            return
-        raise Preempted(f"stopped by {signal.Signals(signum).name}")
+        elif first:   # once: a second SIGTERM must not interrupt the writing of the record
+            raise Preempted(f"stopped by {signal.Signals(signum).name}")
 
     for sig in dict.fromkeys((signal.SIGTERM, _preemption_signal())):
         handler = signal.getsignal(sig)
