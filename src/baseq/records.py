@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: run.py names its run (new_run_id) before the config is validated,
+# and config errors are reported without loading torch
 
 PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "omegaconf", "gguf", "lm_eval", "triton",
             "numpy", "baseq")
@@ -75,6 +76,8 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -88,7 +91,9 @@ class StageTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def environment(device: torch.device) -> dict:
+def environment(device) -> dict:
+    import torch
+
     env = {"python": platform.python_version(), "host": platform.node(), "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
