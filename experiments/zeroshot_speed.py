@@ -2,7 +2,7 @@
 
 Times `evaluate_zeroshot` (lm-eval on the in-memory model, the nine tasks of the protocol, every document on
 a GPU) on the model in full precision, then quantizes it in place with the project's pipeline
-(`pipeline.quantize_and_evaluate`, method=quarot quant=w4a4kv4 by default, fake quantization) and times the
+(`pipeline.apply_method`, method=quarot quant=w4a4kv4 by default, fake quantization) and times the
 same again. Each task is timed on its own (one evaluate_zeroshot call per task); --combined also times the
 one call with every task that run.py makes. Quantization is not timed. Prints a table and writes a JSON
 with the command, device, date, versions, the resolved config, the times and the accuracies.
@@ -33,8 +33,8 @@ from baseq import data
 from baseq.config import enum_value, register_configs, resolve_device
 from baseq.evaluation.zeroshot import evaluate_zeroshot
 from baseq.models.loading import load_model
-from baseq.pipeline import quantize_and_evaluate, seed_everything
-from baseq.records import StageTimer, package_versions
+from baseq.pipeline import apply_method
+from baseq.records import package_versions
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -100,12 +100,11 @@ def main() -> None:
 
     print("full precision")
     results = {"fp": time_tasks(model, tokenizer, cfg, data_root, device, args.combined)}
-    seed_everything(cfg.seed)
-    no_eval = OmegaConf.merge(cfg, {"eval": {"ppl": None, "zeroshot": None, "kernels": False}})
-    timer = StageTimer(device)
-    quantize_and_evaluate(model, family, tokenizer, no_eval, cfg.method, None, device, timer, {})
+    start = time.perf_counter()
+    apply_method(model, family, tokenizer, cfg, cfg.method, device, {})
+    quantize_s = time.perf_counter() - start
     label = f"{cfg.method.name} {cfg.quant.name}"
-    print(f"{label} (quantized in {timer.seconds.get('quantize', float('nan')):.0f} s, not counted)")
+    print(f"{label} (quantized in {quantize_s:.0f} s, not counted)")
     results[label] = time_tasks(model, tokenizer, cfg, data_root, device, args.combined)
 
     print(f"\n{'task':<16}" + "".join(f"{name:>22}" for name in results))
@@ -122,7 +121,7 @@ def main() -> None:
         "cpu_threads": torch.get_num_threads(),
         "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "quantize_s": timer.seconds.get("quantize"),
+        "quantize_s": quantize_s,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,20 @@
-"""Stand-ins for sbatch, srun, sacct and scancel that run Slurm batch scripts on this machine.
+"""Stand-ins for sbatch, srun, sacct, scancel and scontrol that run Slurm batch scripts on this machine.
 
-tests/test_slurm_launcher.py puts shims named sbatch/srun/sacct/scancel first on PATH, each running
-`python fake_slurm.py <command> ...`, so that submitit's real Slurm executor (what launcher=slurm uses)
-submits, polls and collects jobs end to end. State lives in $FAKE_SLURM_DIR:
+tests/test_slurm_launcher.py puts shims named sbatch/srun/sacct/scancel/scontrol first on PATH, each
+running `python fake_slurm.py <command> ...`, so that submitit's real Slurm executor (what launcher=slurm
+uses) submits, polls, requeues and collects jobs end to end. State lives in $FAKE_SLURM_DIR:
 
     next_id                    the next job id
     <job>_<task>.state         PENDING, RUNNING, COMPLETED, FAILED or CANCELLED
-    <job>_<task>.pid           the pid of a running array task
+    <job>_<task>.pid           the pid of a running array task's batch script
+    <job>_<task>.step_pid      the pid of its job step (the command srun runs)
+    <job>_<task>.requeue       present from `scontrol requeue` until the task runs again
+    <job>_<task>.restarts      how many times the task was requeued (SLURM_RESTART_COUNT)
     submitted/<job>.sh         the batch scripts, as submitted
+
+`scancel --signal SIG <job>_<task>` sends SIG to the task's job step, as Slurm does (without --batch, the
+batch shell is not signalled): that is how a test preempts a job. `scontrol requeue` makes the task run
+its batch script again once the current run exits, as Slurm's requeue of a preempted job does.
 
 sbatch answers at once and runs the array tasks in a detached worker, one after another (a cluster would
 run them in parallel; the order does not matter to the tests). Each task gets the SLURM_* variables that
@@ -74,12 +81,22 @@ def _run_array(args: list[str]) -> int:
                "SLURM_JOB_NODELIST": "localhost"}
         if is_array:
             env.update(SLURM_ARRAY_JOB_ID=str(job_id), SLURM_ARRAY_TASK_ID=str(task))
-        proc = subprocess.Popen(["bash", script_path], env=env)
-        (STATE / f"{name}.pid").write_text(str(proc.pid))
-        (STATE / f"{name}.state").write_text("RUNNING")
-        code = proc.wait()
-        if (STATE / f"{name}.state").read_text() != "CANCELLED":
-            (STATE / f"{name}.state").write_text("COMPLETED" if code == 0 else "FAILED")
+        while True:
+            restarts = STATE / f"{name}.restarts"
+            env["SLURM_RESTART_COUNT"] = restarts.read_text() if restarts.exists() else "0"
+            env["FAKE_SLURM_TASK"] = name
+            proc = subprocess.Popen(["bash", script_path], env=env)
+            (STATE / f"{name}.pid").write_text(str(proc.pid))
+            (STATE / f"{name}.state").write_text("RUNNING")
+            code = proc.wait()
+            requeue = STATE / f"{name}.requeue"
+            if requeue.exists() and (STATE / f"{name}.state").read_text() != "CANCELLED":
+                requeue.unlink()
+                restarts.write_text(str(int(env["SLURM_RESTART_COUNT"]) + 1))
+                continue   # the state stayed PENDING since the requeue: run the script again
+            if (STATE / f"{name}.state").read_text() != "CANCELLED":
+                (STATE / f"{name}.state").write_text("COMPLETED" if code == 0 else "FAILED")
+            break
     return 0
 
 
@@ -106,7 +123,10 @@ def srun(args: list[str]) -> int:
     stdout = open(expand(out), "a") if out else None
     stderr = open(expand(err), "a") if err else None
     try:
-        return subprocess.call(command, stdout=stdout, stderr=stderr)
+        step = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+        if "FAKE_SLURM_TASK" in os.environ:
+            (STATE / f"{os.environ['FAKE_SLURM_TASK']}.step_pid").write_text(str(step.pid))
+        return step.wait()
     finally:
         for f in (stdout, stderr):
             if f:
@@ -134,7 +154,8 @@ def scancel(args: list[str]) -> int:
         name = state.name[: -len(".state")]
         if "_" in target and name != target:
             continue
-        pid_file = STATE / f"{name}.pid"
+        # --signal goes to the job step; a cancel (SIGTERM) to the whole batch script
+        pid_file = STATE / (f"{name}.step_pid" if "--signal" in args else f"{name}.pid")
         if pid_file.exists() and state.read_text() == "RUNNING":
             try:
                 os.kill(int(pid_file.read_text()), sig)
@@ -145,13 +166,25 @@ def scancel(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sbatch": sbatch, "srun": srun, "sacct": sacct, "scancel": scancel, "_run_array": _run_array}
+def scontrol(args: list[str]) -> int:
+    """scontrol requeue <job>_<task> (what submitit calls after checkpointing a preempted job)."""
+    if args[:1] != ["requeue"]:
+        print(f"fake scontrol supports only requeue, not {args}", file=sys.stderr)
+        return 1
+    name = args[1]
+    (STATE / f"{name}.requeue").write_text("")
+    (STATE / f"{name}.state").write_text("PENDING")
+    return 0
+
+
+COMMANDS = {"sbatch": sbatch, "srun": srun, "sacct": sacct, "scancel": scancel, "scontrol": scontrol,
+            "_run_array": _run_array}
 
 
 def install(bin_dir: Path) -> None:
-    """Write executable shims for the four commands into bin_dir (to be put first on PATH)."""
+    """Write executable shims for the five commands into bin_dir (to be put first on PATH)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for command in ("sbatch", "srun", "sacct", "scancel"):
+    for command in ("sbatch", "srun", "sacct", "scancel", "scontrol"):
         shim = bin_dir / command
         shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(__file__)} {command} \"$@\"\n")
         shim.chmod(0o755)

@@ -26,17 +26,93 @@ def config(**overrides):
     return OmegaConf.create(cfg)
 
 
-def test_run_key_ignores_where_and_how_but_not_what():
-    key = sweep.run_key(config())
-    assert len(key) == 16 and key == sweep.run_key(config())
-    for where_or_how in ({"results_dir": "/scratch/x"}, {"logger.name": "wandb"}, {"data_root": "/data"},
-                         {"resume": False}):
-        assert sweep.run_key(config(**where_or_how)) == key, where_or_how
+def data_copy(root, test_text="the test text\n", train_text="the train text\n"):
+    (root / "wikitext2").mkdir(parents=True)
+    (root / "wikitext2" / "wiki.test.raw").write_text(test_text)
+    (root / "wikitext2" / "wiki.train.raw").write_text(train_text)
+    return str(root)
+
+
+def test_run_key_ignores_where_and_how_but_not_what(tmp_path):
+    here = data_copy(tmp_path / "a")
+    key = sweep.run_key(config(data_root=here))
+    assert len(key) == 16 and key == sweep.run_key(config(data_root=here))
+    # the same data in another folder is the same run
+    for where_or_how in ({"results_dir": "/scratch/x"}, {"logger.name": "wandb"},
+                         {"data_root": data_copy(tmp_path / "b")}, {"resume": False}):
+        assert sweep.run_key(config(**{"data_root": here, **where_or_how})) == key, where_or_how
     for what in ({"seed": 1}, {"method.name": "rtn"}, {"quant.a_bits": 8}, {"calib.nsamples": 8},
                  {"eval.ppl.max_windows": None}, {"compare_with": ["fp"]}, {"model.path": "/other"}):
-        assert sweep.run_key(config(**what)) != key, what
+        assert sweep.run_key(config(data_root=here, **what)) != key, what
     resolved = "cuda" if torch.cuda.is_available() else "cpu"
-    assert sweep.run_key(config(device="auto")) == sweep.run_key(config(device=resolved))
+    assert sweep.run_key(config(data_root=here, device="auto")) == sweep.run_key(config(data_root=here, device=resolved))
+
+
+def test_run_key_changes_with_the_data_read_and_the_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("BASEQ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    data_copy(root)
+    parts = sweep.key_parts(config(data_root=str(root)))
+    assert set(parts["data"]) == {"wikitext2_test", "wikitext2_train"}
+    key = sweep.key_of(parts)
+    # other calibration text under the same data_root: another run
+    time.sleep(0.01)
+    (root / "wikitext2" / "wiki.train.raw").write_text("other train text\n")
+    changed = sweep.key_parts(config(data_root=str(root)))
+    assert changed["data"]["wikitext2_train"] != parts["data"]["wikitext2_train"]
+    assert changed["data"]["wikitext2_test"] == parts["data"]["wikitext2_test"] and sweep.key_of(changed) != key
+    # the calibration text is not part of an fp run (it reads none)
+    fp = config(data_root=str(root), **{"method.algorithm": "fp"})
+    assert set(sweep.key_parts(fp)["data"]) == {"wikitext2_test"}
+    # other code: another run (code_digest is a content hash of the tree; see baseq.version)
+    monkeypatch.setattr(sweep, "code_digest", lambda: "0" * 16)
+    assert sweep.run_key(config(data_root=str(root))) != sweep.key_of(changed)
+
+
+def test_code_digest_follows_the_content_of_the_code(tmp_path, monkeypatch):
+    from baseq import version
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(version, "PACKAGE_DIR", tmp_path / "pkg")
+    monkeypatch.setattr(version, "REPO", tmp_path)
+    version.code_digest.cache_clear()
+    first = version.code_digest()
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    version.code_digest.cache_clear()
+    assert version.code_digest() != first
+    version.code_digest.cache_clear()
+
+
+def test_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    from baseq import version
+
+    monkeypatch.setenv("BASEQ_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "big.txt"
+    f.write_text("content")
+    first = version.file_digest(f)
+    [cached] = (tmp_path / "cache" / "digests").iterdir()
+    assert cached.read_text() == first
+    os.utime(f, (1, 1))   # a changed file (new mtime) is hashed again
+    assert version.file_digest(f) == first and len(list((tmp_path / "cache" / "digests").iterdir())) == 2
+
+
+def test_records_without_git_name_the_code_by_its_digest(monkeypatch):
+    from baseq import records, version
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(records.subprocess, "run", no_git)
+    assert records.git_commit() == f"tree:{version.code_digest()}"
+
+
+def test_a_done_record_of_the_same_config_with_other_code_is_found_with_what_changed(tmp_path):
+    parts = {"config": "c", "data": {"wikitext2_test": "d1"}, "code": "new"}
+    write(tmp_path, "old", run_key="k0", status="done", finished_at="1",
+          run_key_parts={"config": "c", "data": {"wikitext2_test": "d0"}, "code": "old"})
+    record, changed = sweep.find_outdated_done_record(tmp_path, parts)
+    assert record["run_id"] == "old" and changed == ["code", "data (wikitext2_test)"]
+    assert sweep.find_outdated_done_record(tmp_path, {**parts, "config": "other"}) is None
 
 
 def write(results, name, **record):
@@ -161,6 +237,7 @@ def test_killed_sweep_rerun_runs_only_the_missing_job(tiny_model_dirs, tiny_data
     assert second["quarot"]["run_id"] != first["quarot"]["run_id"]
     assert second["quarot"]["run_key"] == first["quarot"]["run_key"]
     assert out.stdout.count("skipped") == 2
+    assert out.stdout.count("(same config, data and code; resume=false runs it again)") == 2
     assert not list((results / "locks").glob("*.lock"))
 
     # resume=false runs everything again

@@ -217,6 +217,10 @@ class RunConfig:
     protocol: str = "${protocol_name:${device}}"
     # skip a run whose configuration (baseq.sweep.run_key) already has a done record; false: run it again
     resume: bool = True
+    # save the run's quantized model to <results_dir>/models/<run_id>/ (safetensors + manifest, baseq.saving)
+    save_quantized: bool = False
+    # evaluate the quantized model saved in this folder instead of quantizing (null: quantize)
+    load_quantized: Optional[str] = None
 
 
 def resolve_device(device: Device | str):
@@ -299,6 +303,34 @@ def validate(cfg) -> None:
     if nsamples is not None and nsamples < 1:
         raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
                         f"or null for all of them")
+    # method-specific keys are checked only where the method has them
+    for key, value in (cfg.method.lr.items() if "lr" in cfg.method else ()):
+        if value is not None and not value > 0:
+            raise UserError(f"method.lr.{key}={value} must be > 0")
+    for key in ("stage1_epochs", "stage2_epochs"):
+        if key in cfg.method and cfg.method[key] < 0:
+            raise UserError(f"method.{key}={cfg.method[key]} must be >= 0 (0 skips the stage)")
+    sizes = []   # calib.batch_size is checked with the other calib sizes above
+    if "train_batch_size" in cfg.method:
+        sizes.append(("method.train_batch_size", cfg.method.train_batch_size))
+    if cfg.eval.ppl is not None:
+        sizes.append(("eval.ppl.batch_size", cfg.eval.ppl.batch_size))
+    for key, value in sizes:
+        if value < 1:
+            raise UserError(f"{key}={value} must be >= 1")
+    if "gptq" in cfg.method:
+        if not cfg.method.gptq.damp > 0:
+            raise UserError(f"method.gptq.damp={cfg.method.gptq.damp} must be > 0 (GPTQ's Hessian dampening, "
+                            f"a fraction of its mean diagonal; 0.01 is the usual value)")
+        if cfg.method.gptq.block_size < 1:
+            raise UserError(f"method.gptq.block_size={cfg.method.gptq.block_size} must be >= 1")
+    if cfg.get("load_quantized"):
+        from .saving import read_manifest
+
+        read_manifest(cfg.load_quantized)
+        if cfg.get("save_quantized"):
+            raise UserError(f"save_quantized=true with load_quantized={cfg.load_quantized}: that model is saved "
+                            f"already; drop one of the two")
 
 
 def enum_value(value: Any) -> str:

@@ -55,17 +55,23 @@ def raw_file_rows(path: Path) -> list[str]:
     return rows
 
 
+def wikitext2_file(split: str, root: Path) -> Path:
+    """The local WikiText-2 file of `split` under data root `root` (the first candidate that exists)."""
+    candidates = (WIKITEXT_TEST,) if split == "test" else WIKITEXT_TRAIN_CANDIDATES
+    for rel in candidates:
+        if (root / rel).is_file():
+            return root / rel
+    raise UserError(f"no WikiText-2 {split} file under {root} (looked for {', '.join(candidates)}); "
+                    f"fix data_root or unset it to use the hub")
+
+
 def wikitext2_text(split: str, data_root: str | None) -> tuple[str, str]:
     """("\\n\\n".join(rows), source description)."""
     root = resolve_data_root(data_root)
     if root is None:
         return "\n\n".join(_hub_rows(split)), f"hub:wikitext-2-raw-v1/{split}"
-    candidates = (WIKITEXT_TEST,) if split == "test" else WIKITEXT_TRAIN_CANDIDATES
-    for rel in candidates:
-        if (root / rel).is_file():
-            return "\n\n".join(raw_file_rows(root / rel)), f"local:{root / rel}"
-    raise UserError(f"no WikiText-2 {split} file under {root} (looked for {', '.join(candidates)}); "
-                    f"fix data_root or unset it to use the hub")
+    path = wikitext2_file(split, root)
+    return "\n\n".join(raw_file_rows(path)), f"local:{path}"
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -1,5 +1,10 @@
 """One job: load -> quantize with a method -> evaluate -> record. `run_job` is what run.py (and the
-launchers) call; it never returns tensors, only the record dict."""
+launchers) call; it never returns tensors, only the record dict.
+
+Each step is a stage of the run's record (records.RunRecord), written as it starts and ends: load_model,
+load_eval_data, then per comparison method compare_<name>_quantize / _eval_ppl / _eval_zeroshot /
+_eval_ppl_kernels, then the run's own quantize (or load_quantized), save_quantized, eval_ppl,
+eval_zeroshot, eval_ppl_kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 import random
 import traceback
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +29,10 @@ from .evaluation.zeroshot import evaluate_zeroshot
 from .methods import METHODS
 from .methods.base import MethodContext
 from .models.loading import load_model
-from .records import (StageTimer, environment, git_commit, host_peak_memory_gb, new_run_id, package_versions,
-                      write_record)
+from .records import MethodRecord, RunRecord, StageTimer, environment, git_commit, new_run_id, package_versions
+from .saving import MANIFEST, load_quantized_model, save_quantized_model
+from .signals import Preempted, stop_signals_raise
+from .sweep import find_resumable_record
 
 log = logging.getLogger("baseq")
 
@@ -44,40 +52,73 @@ def _calibration_loader(cfg: DictConfig, tokenizer, sources: dict) -> Any:
     return load
 
 
-def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig,
-                          windows: torch.Tensor | None, device: torch.device, timer: StageTimer, sources: dict,
-                          prefix: str = "") -> dict:
+def apply_method(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, device: torch.device,
+                 sources: dict) -> dict:
+    """Quantize `model` in place with the method; returns the method's own report (per-block losses, notes,
+    per-step times). The calibration files read are added to `sources`."""
     seed_everything(cfg.seed)
     ctx = MethodContext(method=method_cfg, quant=cfg.quant, device=device, seed=cfg.seed,
                         load_calibration=_calibration_loader(cfg, tokenizer, sources),
                         calib_batch_size=cfg.calib.batch_size)
-    with timer.stage(f"{prefix}quantize"):
-        METHODS[method_cfg.algorithm](model, family, ctx)
-    for name, seconds in ctx.report.pop("timings_s", {}).items():
-        timer.seconds[f"{prefix}quantize.{name}"] = seconds
-    metrics: dict[str, Any] = {}
-    if windows is not None:
-        with timer.stage(f"{prefix}eval_ppl"):
-            nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
-        metrics.update(wikitext2_ppl=perplexity(nlls), wikitext2_windows=int(windows.shape[0]))
-        log.info("%s%s wikitext2_ppl = %.6f (%d windows)", prefix, method_cfg.name, metrics["wikitext2_ppl"],
-                 windows.shape[0])
+    METHODS[method_cfg.algorithm](model, family, ctx)
+    return ctx.report
+
+
+def quantize(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, device: torch.device,
+             rec: MethodRecord) -> None:
+    """Apply the method in place, as the record's `quantize` stage (with the method's own report)."""
+    with rec.stage("quantize"):
+        report = apply_method(model, family, tokenizer, cfg, method_cfg, device, rec.run.data["data_sources"])
+        for name, seconds in report.pop("timings_s", {}).items():
+            rec.run.timer.seconds[f"{rec.prefix}quantize.{name}"] = seconds
+        if report:
+            rec.update(method_report=report)
+
+
+def evaluation_stages(cfg: DictConfig, method_cfg: DictConfig) -> list[str]:
+    """The evaluation stages a method goes through under this config."""
+    stages = []
+    if cfg.eval.ppl is not None:
+        stages.append("eval_ppl")
     if cfg.eval.zeroshot is not None:
+        stages.append("eval_zeroshot")
+    if cfg.eval.kernels and cfg.eval.ppl is not None and method_cfg.algorithm != "fp":
+        stages.append("eval_ppl_kernels")
+    return stages
+
+
+def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, windows: torch.Tensor | None,
+             device: torch.device, rec: MethodRecord) -> None:
+    """Every evaluation the config asks for, each a stage of the record, so each metric is on disk as soon
+    as it is measured. Stages the record already holds (carried over from a preempted run) are skipped."""
+    stages = [s for s in evaluation_stages(cfg, method_cfg) if not rec.finished(s)]
+    sources = rec.run.data["data_sources"]
+    if "eval_ppl" in stages:
+        with rec.stage("eval_ppl"):
+            nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
+            rec.update(wikitext2_ppl=perplexity(nlls), wikitext2_windows=int(windows.shape[0]))
+            log.info("%s wikitext2_ppl = %.6f (%d windows)", method_cfg.name, rec.metrics["wikitext2_ppl"],
+                     windows.shape[0])
+    if "eval_zeroshot" in stages:
         zs = cfg.eval.zeroshot
         root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
-        with timer.stage(f"{prefix}eval_zeroshot"):
-            metrics.update(evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device))
-        sources["zeroshot"] = zeroshot_sources(list(zs.tasks), root)
-    if cfg.eval.kernels and windows is not None and method_cfg.algorithm != "fp":
-        metrics.update(evaluate_with_kernels(model, family, windows, device, cfg.eval.ppl.batch_size, timer, prefix,
-                                             metrics["wikitext2_ppl"]))
+        with rec.stage("eval_zeroshot"):
+            rec.update(**evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device))
+            sources["zeroshot"] = zeroshot_sources(list(zs.tasks), root)
+    if "eval_ppl_kernels" in stages:
+        with rec.stage("eval_ppl_kernels"):
+            rec.update(**evaluate_with_kernels(model, family, windows, device, cfg.eval.ppl.batch_size,
+                                               rec.metrics["wikitext2_ppl"]))
     model.to("cpu")
-    if ctx.report:
-        metrics["method_report"] = ctx.report
-    return metrics
 
 
-def evaluate_with_kernels(model, family, windows, device, batch_size, timer, prefix, fake_ppl) -> dict:
+def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig,
+                          windows: torch.Tensor | None, device: torch.device, rec: MethodRecord) -> None:
+    quantize(model, family, tokenizer, cfg, method_cfg, device, rec)
+    evaluate(model, family, tokenizer, cfg, method_cfg, windows, device, rec)
+
+
+def evaluate_with_kernels(model, family, windows, device, batch_size, fake_ppl) -> dict:
     """Convert the fake-quant model to the W4A4 runtime (in place) and measure its perplexity on the same
     windows: the check that the kernels compute what was evaluated."""
     from .runtime import convert_to_w4a4, load_kernels
@@ -85,23 +126,92 @@ def evaluate_with_kernels(model, family, windows, device, batch_size, timer, pre
     if device.type != "cuda" and not load_kernels().interpreting():
         raise UserError("eval.kernels=true runs the Triton kernels, which need device=cuda "
                         "(or TRITON_INTERPRET=1 for a slow CPU check)")
-    with timer.stage(f"{prefix}eval_ppl_kernels"):
-        convert_to_w4a4(model.to(device), family)
-        ppl = perplexity(window_nlls(model, windows, device, batch_size))
+    convert_to_w4a4(model.to(device), family)
+    ppl = perplexity(window_nlls(model, windows, device, batch_size))
     return {"wikitext2_ppl_kernels": ppl, "kernels_vs_fake_ppl": ppl / fake_ppl - 1}
 
 
-def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None, run_key: str | None = None) -> dict:
-    """Run one configured job and write its record. Errors write a 'failed' record and re-raise."""
+def _flat(container: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(container, dict):
+        return {prefix: container}
+    out: dict[str, Any] = {}
+    for key, value in container.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_saved_model_matches(cfg: DictConfig, folder: str, manifest: dict) -> None:
+    """A loaded model is recorded under this run's config: refuse one that was made with another."""
+    wanted = {"method": OmegaConf.to_container(cfg.method, resolve=True, enum_to_str=True),
+              "quant": OmegaConf.to_container(cfg.quant, resolve=True, enum_to_str=True),
+              "model": {k: cfg.model[k] for k in ("name", "num_layers")}}
+    saved = {"method": manifest["method"], "quant": manifest["quant"],
+             "model": {k: manifest["model"].get(k) for k in ("name", "num_layers")}}
+    ours, theirs = _flat(wanted), _flat(saved)
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            raise UserError(f"load_quantized={folder} was made with {key}={theirs.get(key)}, this run has "
+                            f"{key}={ours.get(key)}; pass {key}={theirs.get(key)} (the saved config is in "
+                            f"{Path(folder) / MANIFEST}) or drop load_quantized")
+
+
+def _method_stages(stages_done: list[str], prefix: str) -> list[str]:
+    """The stages of one method (prefix "" = the run's own) in a list of stage names, without the prefix."""
+    if prefix:
+        return [s[len(prefix):] for s in stages_done if s.startswith(prefix)]
+    return [s for s in stages_done if not s.startswith("compare_") and s not in ("load_model", "load_eval_data")]
+
+
+def carry_over(record: RunRecord, previous: dict, cfg: DictConfig, compare_methods: dict[str, DictConfig]) -> dict:
+    """Take from a preempted record what need not be measured again. A method whose every stage finished
+    keeps its metrics and is not run; the run's own method, when its quantized model was saved, keeps the
+    metrics measured on it and is loaded instead of quantized. Otherwise a method starts afresh, so the
+    metrics of one method always come from one quantized model. Returns {method name or None: "done" |
+    <saved folder> | None}."""
+    plan: dict[str | None, str | None] = {}
+    previous_metrics = previous.get("metrics", {})
+    for name, method_cfg in [*compare_methods.items(), (None, cfg.method)]:
+        prefix = "" if name is None else f"compare_{name}_"
+        done = _method_stages(previous.get("stages_done", []), prefix)
+        metrics = previous_metrics.get("compare", {}).get(name, {}) if name else \
+            {k: v for k, v in previous_metrics.items() if k != "compare"}
+        quantized = "quantize" in done or "load_quantized" in done
+        finished_evals = [s for s in evaluation_stages(cfg, method_cfg) if s in done]
+        saved = previous.get("quantized_model") if name is None and "save_quantized" in done else None
+        if quantized and finished_evals == evaluation_stages(cfg, method_cfg):
+            plan[name], carried = "done", done
+            if name is None and previous.get("quantized_model"):
+                record.data["quantized_model"] = previous["quantized_model"]
+        elif saved and (Path(saved) / MANIFEST).is_file():
+            plan[name], carried = saved, ["save_quantized", *finished_evals]
+            record.data["quantized_model"] = saved
+        else:
+            plan[name], carried = None, []
+        if carried:
+            record.method(name).update(**metrics)
+            record.data["stages_done"] += [prefix + s for s in carried]
+            for stage in carried:
+                if prefix + stage in previous.get("timings_s", {}):
+                    record.timer.seconds[prefix + stage] = previous["timings_s"][prefix + stage]
+    if record.data["stages_done"]:   # what the carried stages read (calibration, test set)
+        record.data["data_sources"].update(previous.get("data_sources", {}))
+    record.data["resumed_from"] = previous["record_path"]
+    record.write()
+    return plan
+
+
+def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = None, run_key: str | None = None,
+            key_parts: dict | None = None, run_id: str | None = None) -> dict:
+    """Run one configured job and keep its record up to date (see records.RunRecord). Errors write a
+    'failed' record naming the stage, SIGTERM a 'preempted' one, and re-raise. A job whose key has a
+    preempted record resumes from it (carry_over)."""
     compare_methods = compare_methods or {}
     device = resolve_device(cfg.device)
-    run_id = new_run_id(cfg.model.name, cfg.method.name, cfg.quant.name)
     timer = StageTimer(device)
-    sources: dict[str, str] = {}
-    record: dict[str, Any] = {
-        "run_id": run_id,
+    record = RunRecord(cfg.results_dir, {
+        "run_id": run_id or new_run_id(cfg.model.name, cfg.method.name, cfg.quant.name),
         "run_key": run_key,
-        "status": "running",
+        "run_key_parts": key_parts,
         "model": cfg.model.name,
         "method": cfg.method.name,
         "quant": cfg.quant.name,
@@ -109,50 +219,82 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
         "started_at": datetime.now(timezone.utc).isoformat(),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "metrics": {},
-        "timings_s": timer.seconds,
-        "peak_memory_gb": {"device": timer.device_peak_gb, "host": None},
-        "data_sources": sources,
+        "data_sources": {},
         "environment": environment(device),
         "versions": package_versions(),
         "git_commit": git_commit(),
-    }
-    try:
-        seed_everything(cfg.seed)
-        with timer.stage("load_model"):
+    }, timer)
+    with stop_signals_raise() as signals_received:
+        try:
+            _run_stages(record, cfg, compare_methods, device, run_key)
+            record.finish("done")
+        except BaseException as err:
+            done = record.data["stages_done"]
+            stage = record.data["stage"] or (f"after {done[-1]}" if done else "setup")
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            error = {"type": type(err).__name__, "message": message, "stage": stage,
+                     "user_error": isinstance(err, UserError)}
+            if isinstance(err, Preempted) or (signals_received and not isinstance(err, KeyboardInterrupt)):
+                error["signal"] = signals_received[-1] if signals_received else "SIGTERM"
+                status = "preempted"
+            else:
+                status = "failed"
+                if not isinstance(err, (UserError, KeyboardInterrupt)):
+                    error["traceback"] = traceback.format_exc()
+            record.finish(status, error)
+            raise
+    return record.data
+
+
+def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, DictConfig], device: torch.device,
+                run_key: str | None) -> None:
+    previous = find_resumable_record(cfg.results_dir, run_key, record.data["run_id"]) if run_key else None
+    plan = carry_over(record, previous, cfg, compare_methods) if previous else {}
+    if previous:
+        log.info("resuming from %s: carried %s", previous["record_path"], ", ".join(record.data["stages_done"]) or "nothing")
+    main_source = cfg.load_quantized or plan.get(None)   # a folder to load the run's own model from, or "done"
+    compare_to_run = {n: m for n, m in compare_methods.items() if plan.get(n) != "done"}
+    seed_everything(cfg.seed)
+    model = tokenizer = family = None
+    if compare_to_run or main_source is None:
+        with record.stage("load_model"):
             model, tokenizer, family = load_model(cfg.model.path, enum_value(cfg.model.dtype), device,
                                                   cfg.model.revision, cfg.model.num_layers)
-        windows = None
-        if cfg.eval.ppl is not None:
-            with timer.stage("load_eval_data"):
-                text, sources["wikitext2_test"] = data.wikitext2_text("test", cfg.data_root)
-                windows = data.perplexity_windows(data.tokenize(tokenizer, text), cfg.eval.ppl.seqlen,
-                                                  cfg.eval.ppl.max_windows)
-            log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
-                     cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
-        # comparisons first, each on a fresh copy; the main method then consumes the loaded model
-        compare = {}
-        for name, method_cfg in compare_methods.items():
-            log.info("comparison method: %s", name)
-            compare[name] = quantize_and_evaluate(copy.deepcopy(model), family, tokenizer, cfg, method_cfg, windows,
-                                                  device, timer, sources, prefix=f"compare_{name}_")
-        log.info("method: %s", cfg.method.name)
-        record["metrics"] = quantize_and_evaluate(model, family, tokenizer, cfg, cfg.method, windows, device, timer,
-                                                  sources)
-        if compare:
-            record["metrics"]["compare"] = compare
-        record["status"] = "done"
-    except BaseException as err:
-        record["status"] = "failed"
-        record["error"] = {"type": type(err).__name__, "message": str(err).strip().splitlines()[0] if str(err).strip() else "",
-                           "user_error": isinstance(err, UserError)}
-        if not isinstance(err, UserError):
-            record["error"]["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        record["finished_at"] = datetime.now(timezone.utc).isoformat()
-        record["peak_memory_gb"]["host"] = host_peak_memory_gb()
-        record["record_path"] = str(write_record(cfg.results_dir, record))
-    return record
+    quantized = None
+    if main_source not in (None, "done"):
+        with record.stage("load_quantized"):
+            quantized, saved_tokenizer, quantized_family, manifest = load_quantized_model(main_source)
+            check_saved_model_matches(cfg, main_source, manifest)
+            record.data["quantized_model"] = str(main_source)
+        tokenizer = tokenizer or saved_tokenizer
+    windows = None
+    needs_windows = cfg.eval.ppl is not None and (compare_to_run or main_source != "done")
+    if needs_windows:
+        with record.stage("load_eval_data"):
+            text, record.data["data_sources"]["wikitext2_test"] = data.wikitext2_text("test", cfg.data_root)
+            windows = data.perplexity_windows(data.tokenize(tokenizer, text), cfg.eval.ppl.seqlen,
+                                              cfg.eval.ppl.max_windows)
+        log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
+                 cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
+    # comparisons first, each on a fresh copy; the main method then consumes the loaded model
+    for name, method_cfg in compare_to_run.items():
+        log.info("comparison method: %s", name)
+        quantize_and_evaluate(copy.deepcopy(model), family, tokenizer, cfg, method_cfg, windows, device,
+                              record.method(name))
+    if main_source == "done":
+        return
+    log.info("method: %s", cfg.method.name)
+    main = record.method()
+    if quantized is None:
+        quantize(model, family, tokenizer, cfg, cfg.method, device, main)
+        if cfg.save_quantized:
+            with main.stage("save_quantized"):
+                folder = Path(cfg.results_dir) / "models" / record.data["run_id"]
+                save_quantized_model(model, tokenizer, folder, cfg.method, cfg.quant, cfg.model,
+                                     info={"run_id": record.data["run_id"], "git_commit": record.data["git_commit"]})
+                record.data["quantized_model"] = str(folder)
+        quantized, quantized_family = model, family
+    evaluate(quantized, quantized_family, tokenizer, cfg, cfg.method, windows, device, main)
 
 
 def summary_table(record: dict) -> str:
