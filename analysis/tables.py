@@ -95,11 +95,16 @@ def _metrics_of(metrics: dict) -> dict[str, float]:
     return out
 
 
-def read_runs(results_dir: str | Path) -> list[Run]:
-    """Every done record under <results_dir>/runs, and the comparison methods inside them, each with its
-    protocol."""
+def _record_paths(results_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
+    dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
+    return [path for d in dirs for path in sorted((Path(d) / "runs").glob("*.json"))]
+
+
+def read_runs(results_dirs: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Every done record under <results_dir>/runs of one or several results_dirs, and the comparison methods
+    inside them, each with its protocol."""
     runs = []
-    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+    for path in _record_paths(results_dirs):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -534,15 +539,18 @@ def write_protocol(runs: list[Run], out: Path, protocol: str, quant: str, method
     return written
 
 
-def write_all(results_dir: str | Path, out: str | Path | None = None, quant: str = "w4a4kv4",
-              method: str = "baseq", reference: Path = REFERENCE_CSV, protocol: str | None = None) -> list[Path]:
-    """Tables of each protocol found in the records (or only `protocol`) into <out>/<protocol>/, and the
-    list of excluded runs into <out>/excluded.{md,csv}."""
+def write_all(results_dirs: str | Path | Iterable[str | Path], out: str | Path | None = None,
+              quant: str = "w4a4kv4", method: str = "baseq", reference: Path = REFERENCE_CSV,
+              protocol: str | None = None) -> list[Path]:
+    """Tables of each protocol found in the records of one or several results_dirs (or only `protocol`)
+    into <out>/<protocol>/ (default: <first results_dir>/analysis), and the list of excluded runs into
+    <out>/excluded.{md,csv}."""
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
-    out = Path(out) if out else Path(results_dir) / "analysis"
+    dirs = [results_dirs] if isinstance(results_dirs, (str, Path)) else list(results_dirs)
+    out = Path(out) if out else Path(dirs[0]) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    runs = read_runs(results_dir)
+    runs = read_runs(dirs)
     paper = PaperReference(reference)
     found = [p for p in PROTOCOLS if any(r.protocol == p for r in runs)]
     written: list[Path] = []
@@ -556,16 +564,18 @@ def write_all(results_dir: str | Path, out: str | Path | None = None, quant: str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_dir", type=Path, help="a results_dir holding runs/*.json")
+    parser.add_argument("results_dirs", type=Path, nargs="+", metavar="results_dir",
+                        help="one or more results_dirs, each holding runs/*.json")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <results_dir>/analysis)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="only this protocol's tables (default: every protocol the records have)")
     parser.add_argument("--quant", default="w4a4kv4", help="the quant preset of the tables (default: w4a4kv4)")
     parser.add_argument("--method", default="baseq", help="the method whose gap closing is computed")
     args = parser.parse_args(argv)
-    if not (args.results_dir / "runs").is_dir():
-        parser.error(f"{args.results_dir} has no runs/ folder; give the results_dir of the runs")
-    for path in write_all(args.results_dir, args.out, args.quant, args.method, protocol=args.protocol):
+    for results_dir in args.results_dirs:
+        if not (results_dir / "runs").is_dir():
+            parser.error(f"{results_dir} has no runs/ folder; give the results_dir of the runs")
+    for path in write_all(args.results_dirs, args.out, args.quant, args.method, protocol=args.protocol):
         print(path)
 
 

@@ -251,8 +251,24 @@ def test_protocol_edge_cases():
 def test_committed_h100_records_classify_as_their_configs_say():
     runs = {(r.run_id, r.method): r for r in tables.read_runs(H100_RECORDS)}
     custom = {run_id for (run_id, _), r in runs.items() if r.protocol == "custom"}
-    assert custom == {"20261122T135011Z_smollm2-135m_baseq_w4a4kv4_89e288",      # 10 blocks, 1 epoch, 4 windows
-                      "20261122T135211Z_smollm2-135m_baseq_w4a4kv4_bf764b"}      # 30 blocks, 1 epoch, 4 windows
+    memory_runs = {"20261122T135011Z_smollm2-135m_baseq_w4a4kv4_89e288",      # 10 blocks, 1 epoch, 4 windows
+                   "20261122T135211Z_smollm2-135m_baseq_w4a4kv4_bf764b"}      # 30 blocks, 1 epoch, 4 windows
+    # every BASE-Q-pipeline run of that day trained on fp block inputs, the default then; the default is
+    # quantized inputs now, so they are not today's protocol, and say why
+    fp_input_runs = {run_id for (run_id, method), r in runs.items() if method.startswith("baseq")}
+    assert custom == memory_runs | fp_input_runs and len(fp_input_runs) == 7
+    assert all("method.train_inputs=fp (full: quantized)" in runs[k].excluded_because
+               for k in runs if k[0] in fp_input_runs)
     assert all(r.protocol == "full" for r in runs.values() if r.run_id not in custom)
     reason = runs[("20261122T135011Z_smollm2-135m_baseq_w4a4kv4_89e288", "baseq")].excluded_because
     assert "model.num_layers=10 (full: null)" in reason and "method.stage1_epochs=1 (full: 3)" in reason
+
+
+def test_tables_read_several_results_dirs(tmp_path):
+    h200 = REPO / "experiments" / "results" / "fidelity_h200"
+    runs = tables.read_runs([H100_RECORDS, h200 / "session2"])
+    assert {r.record_path for r in runs} >= {str(p) for p in (h200 / "session2" / "runs").glob("*.json")}
+    written = tables.write_all([H100_RECORDS, h200 / "session2"], tmp_path, protocol="full")
+    sources = (tmp_path / "full" / "sources.csv").read_text()
+    assert "fidelity_h200" in sources and "smollm2_h100" in sources
+    assert tmp_path / "excluded.md" in written

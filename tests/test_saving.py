@@ -2,7 +2,6 @@
 fresh process-like state gives the same logits; bad folders are one-line errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
