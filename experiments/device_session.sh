@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Glue for one session on the lent GPU machine (this workplace's device tool), sourced at the start of every
+# call: it collects the pieces each call carries, and defines the steps of a session.
+#
+# Here, once:   ../shared/tools/gpu-stage --eval          (wheels: .stage/part-NN, .stage/env.sh)
+#               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled)
+#               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
+# Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
+#               starting with `source experiments/device_session.sh`; after the last wheel piece:
+#               `source .stage/env.sh; start_jobs 3 s_baseq ...`; then long calls that `sleep` and `collect`.
+# What we learned (2026-12-01): the machine goes back 30 s after a call returns, killing every job on it:
+# keep the calls back to back (one long call waiting on the jobs is safer than many short ones), and
+# collect after every call. Jobs sharing the GPU slow each other down a lot (ten jobs: about 12 BASE-Q steps/s
+# each on SmolLM2); run the jobs that matter first, two or three at a time.
+S=/root/stash; R=/root/results
+mkdir -p $S/qwen
+for d in .stage/part-*; do [ -d "$d" ] && cp -n "$d"/piece.* $S/ 2>/dev/null; done
+for d in .stage/q.*; do [ -d "$d" ] && cp -n "$d"/q.* $S/qwen/ 2>/dev/null; done
+[ -f .stage/data.tgz ] && [ ! -d /root/data ] && tar -C /root -xzf .stage/data.tgz
+
+collect() {   # the records and logs so far, as one file under $OUT
+  mkdir -p $R/logs
+  tar -C /root -czf "$OUT/results.tgz" results 2>/dev/null
+  cp $R/logs/progress "$OUT/progress.txt" 2>/dev/null
+  tail -40 $R/logs/progress 2>/dev/null
+}
+
+qwen_ready() {   # join the Qwen2 GGUF pieces once all have arrived, checking the sha256
+  [ -f $S/qwen/model.gguf ] && return 0
+  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-11}" ] || return 1
+  cat $S/qwen/q.* > $S/qwen/model.gguf && \
+    echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $S/qwen/model.gguf" | sha256sum -c --quiet - && \
+    rm $S/qwen/q.*
+}
+
+start_jobs() {   # start_jobs PARALLEL job ...: experiments/fidelity_gpu.sh in the background (setsid)
+  local parallel=$1; shift
+  DATA_ROOT=/root/data RESULTS=$R PARALLEL=$parallel BASEQ_QWEN05=$S/qwen/model.gguf \
+    setsid nohup experiments/fidelity_gpu.sh "$@" > /dev/null 2>&1 < /dev/null &
+}
