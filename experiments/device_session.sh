@@ -7,7 +7,9 @@
 #               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
 # Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
 #               starting with `source experiments/device_session.sh`; after the last wheel piece:
-#               `source .stage/env.sh; start_jobs 3 s_baseq ...`; then long calls that `sleep` and `collect`.
+#               `source .stage/env.sh; export BASEQ_GIT_COMMIT=<git rev-parse HEAD here>; start_jobs 3 s_baseq ...`
+#               (the machine's copy of the tree has a stale .git: the records take the commit from that variable);
+#               then long calls that `sleep` and `collect`.
 # What we learned (2026-12-01): the machine goes back 30 s after a call returns, killing every job on it:
 # keep the calls back to back (one long call waiting on the jobs is safer than many short ones), and
 # collect after every call. Jobs sharing the GPU slow each other down a lot (ten jobs: about 12 BASE-Q steps/s
