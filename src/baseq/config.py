@@ -180,7 +180,8 @@ class ZeroShotConfig:
     # lm-eval task names (baseq.evaluation.zeroshot.ZERO_SHOT_TASKS lists the supported ones)
     tasks: list[str] = field(default_factory=lambda: list(ZERO_SHOT_TASKS))
     limit: Optional[int] = None   # the first N documents of each task (quick runs); null = every document
-    batch_size: int = 16
+    # the largest batch; smaller ones where their logits would not fit (evaluation/bounded_hflm.py)
+    batch_size: int = 32
 
 
 @dataclass
