@@ -102,8 +102,12 @@ def test_records_without_git_name_the_code_by_its_digest(monkeypatch):
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
+    monkeypatch.delenv("BASEQ_GIT_COMMIT", raising=False)
     monkeypatch.setattr(records.subprocess, "run", no_git)
     assert records.git_commit() == f"tree:{version.code_digest()}"
+    # whoever copied the tree can state its commit; that wins over git, whose .git may be a stale copy
+    monkeypatch.setenv("BASEQ_GIT_COMMIT", "0123abc")
+    assert records.git_commit() == "0123abc"
 
 
 def test_a_done_record_of_the_same_config_with_other_code_is_found_with_what_changed(tmp_path):
