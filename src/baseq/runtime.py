@@ -40,7 +40,7 @@ class PackedInputQuantizer(nn.Module):
         if fake.bits != 4:
             raise UserError(f"the W4A4 runtime needs 4-bit activations, this layer has {fake.bits}; "
                             f"use quant=w4a4kv4 (or another a_bits=4 preset)")
-        self.dim, self.clip, self.consumers = fake.dim, float(effective_clip(fake, dtype)), consumers
+        self.dim, self.clip, self.consumers = fake.dim, effective_clip(fake, dtype).item(), consumers
         self.register_buffer("bias", None if fake.bias is None else fake.bias.detach().to(device, dtype))
         self.register_buffer("scale", None if fake.scale is None else fake.scale.detach().to(device, dtype))
         self.register_buffer("hadamard_outer", None)
