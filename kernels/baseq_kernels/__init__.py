@@ -11,7 +11,7 @@ Data layout shared by the kernels (the contract `baseq.runtime` builds on):
   along K: byte j of a group holds k = j in its low nibble and k = j + PACK_GROUP/2 in its high nibble, so
   a tile unpacks into two K-halves with two shifts and no shuffle.
 * KV cache: per token and head, asymmetric 4-bit codes of (x - bias), packed two per byte along head_dim
-  (even index low nibble), with fp32 scale and zero point.
+  (even index low nibble), with fp32 scale and zero point; the clip ratio is one for the layer or one per head.
 """
 
 from .activation import OnlineHadamard, quantize_activations

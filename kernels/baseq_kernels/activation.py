@@ -1,4 +1,4 @@
-"""Fused activation quantizer: x -> (optional Hadamard) -> x - B -> * S -> per-token asymmetric 4-bit codes.
+"""Fused activation quantizer: x -> (optional Hadamard) -> S^a x - B (Eq. 15) -> per-token asymmetric 4-bit codes.
 
 Rows are loaded as [segments, SEGMENT] tiles, SEGMENT being the Hadamard's inner factor (a Sylvester block of
 at most 128), so both Hadamard factors are plain tensor-core dots on the tile: the outer factor (e.g. the 172
