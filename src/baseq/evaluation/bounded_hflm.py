@@ -56,8 +56,9 @@ class MemoryBoundedHFLM(HFLM):
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         super().__init__(batch_size="auto", max_batch_size=max_batch_size, **hflm_kwargs)
         self.logits_budget_bytes = int(logits_budget_bytes)
-        logits_dtype = self.mixed_precision_dtype or next(self.model.parameters()).dtype
-        softmax_dtype = self.softmax_dtype or logits_dtype   # what F.log_softmax(..., dtype=) in lm-eval yields
+        # older lm-eval releases (pyproject allows 0.4.8) may lack these overrides: then both are the model dtype
+        logits_dtype = getattr(self, "mixed_precision_dtype", None) or next(self.model.parameters()).dtype
+        softmax_dtype = getattr(self, "softmax_dtype", None) or logits_dtype   # what lm-eval's log_softmax yields
         # the model's logits and their log-softmax, both alive at once
         self.bytes_per_logit = logits_dtype.itemsize + softmax_dtype.itemsize
         self.logits_width = self.model.get_output_embeddings().weight.shape[0]   # the vocabulary, padded
