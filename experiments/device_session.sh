@@ -12,7 +12,7 @@
 #               then long calls that `sleep` and `collect`.
 # What we learned (2026-12-01): the machine goes back 30 s after a call returns, killing every job on it:
 # keep the calls back to back (one long call waiting on the jobs is safer than many short ones), and
-# collect after every call. Jobs sharing the GPU slow each other down a lot (ten jobs: about 12 BASE-Q steps/s
+# collect after every call. Jobs sharing the GPU slow each other down a lot (seven jobs: about 12 BASE-Q steps/s
 # each on SmolLM2); run the jobs that matter first, two or three at a time.
 S=/root/stash; R=/root/results
 mkdir -p $S/qwen
