@@ -12,11 +12,10 @@ from tqdm.auto import tqdm
 
 from .blockwise import capture_block_inputs, iterate_blocks, run_block
 from .gptq import HessianAccumulator, gptq_quantize
-from .hadamard import has_hadamard, orthonormal_hadamard
+from .hadamard import has_hadamard
 from .models.families import ModelFamily
 from .modules import ATTENTION_IMPLEMENTATION, AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer, fake_quantize_symmetric, weight_scale
-from .rotation import rotate_reader
 
 
 def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bits: int, act_clip: float,
@@ -42,11 +41,19 @@ def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bit
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
 
 
+@torch.no_grad()
+def _fuse_online_rotation(linear: QuantLinear) -> None:
+    """W <- W Q for the online rotation Q the layer now applies to its input (so the layer's function is
+    unchanged), in float64 through the fast transform: no dense Q is built (28672^2 for Llama-2-70B's R4)."""
+    weight = linear.weight
+    weight.data = linear.weight_from_input_basis(weight.detach().double()).to(weight.dtype)
+
+
 def add_online_down_hadamard(block: nn.Module, family: ModelFamily) -> None:
     """R4: the down_proj input is rotated online by a Hadamard; its transpose goes into the weight."""
     down: QuantLinear = block.get_submodule(family.down_proj)
-    rotate_reader(down, orthonormal_hadamard(down.in_features))
     down.online_hadamard = True
+    _fuse_online_rotation(down)
 
 
 def add_online_o_hadamard(block: nn.Module, family: ModelFamily, num_heads: int, mode: str) -> str:
@@ -58,14 +65,13 @@ def add_online_o_hadamard(block: nn.Module, family: ModelFamily, num_heads: int,
     if mode == "cross_heads" and not has_hadamard(num_heads):
         mode = "full"
     if mode == "cross_heads":
-        head_dim = o_proj.in_features // num_heads
-        rotate_reader(o_proj, torch.kron(orthonormal_hadamard(num_heads), torch.eye(head_dim, dtype=torch.float64)))
         o_proj.online_head_groups = num_heads
     elif mode == "full":
-        rotate_reader(o_proj, orthonormal_hadamard(o_proj.in_features))
         o_proj.online_hadamard = True
     elif mode != "none":
         raise ValueError(f"unknown o_proj Hadamard {mode!r}; use none, cross_heads or full")
+    if mode != "none":
+        _fuse_online_rotation(o_proj)
     return mode
 
 
