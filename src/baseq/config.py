@@ -300,10 +300,6 @@ def validate(cfg) -> None:
         held, n = cfg.method.heldout_samples, cfg.calib.nsamples
         if not 0 <= held < n:
             raise UserError(f"method.heldout_samples={held} must be in [0, calib.nsamples={n})")
-    nsamples = cfg.method.gptq.nsamples
-    if nsamples is not None and nsamples < 1:
-        raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
-                        f"or null for all of them")
     # method-specific keys are checked only where the method has them
     for key, value in (cfg.method.lr.items() if "lr" in cfg.method else ()):
         if value is not None and not value > 0:
@@ -325,6 +321,10 @@ def validate(cfg) -> None:
                             f"a fraction of its mean diagonal; 0.01 is the usual value)")
         if cfg.method.gptq.block_size < 1:
             raise UserError(f"method.gptq.block_size={cfg.method.gptq.block_size} must be >= 1")
+        nsamples = cfg.method.gptq.nsamples
+        if nsamples is not None and nsamples < 1:
+            raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
+                            f"or null for all of them")
     if cfg.get("load_quantized"):
         from .saving import read_manifest
 
