@@ -25,6 +25,9 @@ def composed(*overrides):
     ("eval.ppl.batch_size=0", "eval.ppl.batch_size=0 must be >= 1"),
     ("method.gptq.damp=0", "method.gptq.damp=0.0 must be > 0"),
     ("method.gptq.block_size=0", "method.gptq.block_size=0 must be >= 1"),
+    ("method.gptq.nsamples=0", "method.gptq.nsamples=0 must be >= 1"),
+    ("method.heldout_samples=4", "method.heldout_samples=4 must be in [0, calib.nsamples=4)"),
+    ("method.act_clip_ratio=1.0", "a learned clip is a sigmoid and must start below 1"),
 ])
 def test_out_of_range_values_are_one_line_errors(override, message):
     with pytest.raises(UserError) as err:
