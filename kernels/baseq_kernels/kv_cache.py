@@ -29,7 +29,8 @@ def _row_pointers(rows, H, S, stride_b, stride_h, stride_s):
 
 @triton.jit
 def _kv_pass_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, had_ptr, R, H, S, stride_b, stride_h,
-                    stride_s, clip_ptr, had_norm, HAS_BIAS: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                    stride_s, clip, clip_ptr, had_norm, HAS_BIAS: tl.constexpr, PER_HEAD_CLIP: tl.constexpr,
+                    D: tl.constexpr, ROWS: tl.constexpr,
                     MODE: tl.constexpr, ROTATE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """ROWS (token, head) rows, read whole, optionally rotated by the head Hadamard first (ROTATE), then by MODE:
     "codes" writes the packed cache, "round_trip" the dequantized values attention reads back from it
@@ -57,7 +58,8 @@ def _kv_pass_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, h
         if HAS_BIAS:
             bias = tl.load(bias_ptr + head[:, None] * D + col[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             x = as_dtype(x - bias, DTYPE)
-        clip = tl.load(clip_ptr + head, mask=ok, other=1.0)   # one clip ratio per head
+        if PER_HEAD_CLIP:
+            clip = tl.load(clip_ptr + head, mask=ok, other=1.0)
         scale, zero = asymmetric_grid(tl.min(x, axis=1), tl.max(x, axis=1), clip, 15, DTYPE)
         codes = asymmetric_code(x, scale[:, None], zero[:, None], 15, DTYPE)
         if MODE == "round_trip":
@@ -99,13 +101,15 @@ def _check_head_dim(d: int) -> None:
         raise ValueError(f"KV4 kernels need a power-of-two head_dim, got {d}")
 
 
-def _head_clips(clip: float | torch.Tensor, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One clip ratio per head (a scalar is shared), rounded to the activations' dtype as the fake quantizer
-    applies it, held in fp32 for the kernel."""
-    clip = torch.as_tensor(clip, dtype=torch.float32).flatten().to(dtype).float()
-    if clip.numel() not in (1, heads):
+def _clip_args(clip: float | torch.Tensor, heads: int, x: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """(scalar clip, per-head clips or None) for the kernel. A scalar is rounded to x's dtype here, on the
+    host, as the fake quantizer applies it (no device work); a per-head tensor [heads] (or [heads, 1, 1])
+    must hold values of x's dtype already, as quant.effective_clip(module, x.dtype) gives them."""
+    if not isinstance(clip, torch.Tensor) or clip.numel() == 1:
+        return float(torch.tensor(float(clip)).to(x.dtype)), None
+    if clip.numel() != heads:
         raise ValueError(f"KV clip needs one value or one per head ({heads}), got {clip.numel()}")
-    return clip.expand(heads).contiguous().to(device)
+    return 1.0, clip.reshape(heads).to(device=x.device, dtype=torch.float32).contiguous()
 
 
 def _kv_pass(x: torch.Tensor, mode: str, clip: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None,
@@ -126,11 +130,12 @@ def _kv_pass(x: torch.Tensor, mode: str, clip: float | torch.Tensor = 1.0, bias:
         zero = torch.empty_like(scale)
     else:
         out = torch.empty(b, h, s, d, dtype=x.dtype, device=x.device)
-    clips = _head_clips(clip, h, x.dtype, x.device)
+    scalar_clip, head_clips = _clip_args(clip, h, x)
     _kv_pass_kernel[(triton.cdiv(rows, _ROWS),)](
         x, packed, scale, zero, bias if bias is not None else x, out, hadamard if hadamard is not None else x,
-        rows, h, s, x.stride(0), x.stride(1), x.stride(2), clips, 1.0 / math.sqrt(d),   # as hadamard_transform
-        HAS_BIAS=bias is not None, D=d, ROWS=_ROWS, MODE=mode, ROTATE=hadamard is not None,
+        rows, h, s, x.stride(0), x.stride(1), x.stride(2), scalar_clip, head_clips if head_clips is not None else x,
+        1.0 / math.sqrt(d),   # as hadamard_transform
+        HAS_BIAS=bias is not None, PER_HEAD_CLIP=head_clips is not None, D=d, ROWS=_ROWS, MODE=mode, ROTATE=hadamard is not None,
         # bf16/fp16 values and +-1 are exact tensor-core operands; fp32 ones are not exact in tf32
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "native")
     return (packed, scale, zero) if mode == "codes" else out

@@ -136,12 +136,17 @@ class KV4AttentionQuantizer(nn.Module):
         self.kv_bits = fake.k_quantizer.bits
         if self.kv_bits not in (4, 16):
             raise UserError(f"the runtime's KV cache is 4-bit (or unquantized), got kv_bits={self.kv_bits}")
-        # a scalar, or one clip per KV head (learned per head)
-        self.register_buffer("k_clip", effective_clip(fake.k_quantizer, dtype).detach().flatten().float().to(device))
-        self.register_buffer("v_clip", effective_clip(fake.v_quantizer, dtype).detach().flatten().float().to(device))
+        self.k_clip = self._clip(fake.k_quantizer, dtype, device)
+        self.v_clip = self._clip(fake.v_quantizer, dtype, device)
         self.register_buffer("k_bias", self._bias(fake.k_quantizer, dtype, device))
         self.register_buffer("v_bias", self._bias(fake.v_quantizer, dtype, device))
         self._head_hadamard: torch.Tensor | None = None
+
+    @staticmethod
+    def _clip(quantizer: KVQuantizer, dtype: torch.dtype, device: torch.device) -> float | torch.Tensor:
+        """A float, or one clip per KV head (learned per head) as fp32 values of `dtype` on the device."""
+        clip = effective_clip(quantizer, dtype).detach()
+        return clip.item() if clip.numel() == 1 else clip.flatten().float().to(device)
 
     @staticmethod
     def _bias(quantizer: KVQuantizer, dtype: torch.dtype, device: torch.device):
