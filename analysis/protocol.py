@@ -36,6 +36,7 @@ NEUTRAL_KEYS = (
     "eval.name",               # ppl / zeroshot / full only choose which metrics are measured
     "eval.kernels",            # adds the runtime's ppl next to the fake-quant one, which it does not change
     "calib.batch_size", "eval.ppl.batch_size", "eval.zeroshot.batch_size",   # same data, other batching
+    "method.train_step",       # eager or compiled training: the same numbers up to reassociation
 )
 
 BY_DEVICE = re.compile(r"^\$\{by_device:\$\{device\},([^,]*),([^,]*)\}$")

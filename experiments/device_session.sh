@@ -3,7 +3,8 @@
 # call: it collects the pieces each call carries, and defines the steps of a session.
 #
 # Here, once:   ../shared/tools/gpu-stage --eval          (wheels: .stage/part-NN, .stage/env.sh)
-#               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled)
+#               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled;
+#               55 MiB pieces: 9, QWEN_PIECES)
 #               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
 # Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
 #               starting with `source experiments/device_session.sh`; after the last wheel piece:
@@ -29,7 +30,7 @@ collect() {   # the records and logs so far, as one file under $OUT
 
 qwen_ready() {   # join the Qwen2 GGUF pieces once all have arrived, checking the sha256
   [ -f $S/qwen/model.gguf ] && return 0
-  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-11}" ] || return 1
+  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-9}" ] || return 1
   cat $S/qwen/q.* > $S/qwen/model.gguf && \
     echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $S/qwen/model.gguf" | sha256sum -c --quiet - && \
     rm $S/qwen/q.*

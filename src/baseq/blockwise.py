@@ -62,18 +62,20 @@ def capture_block_inputs(model: nn.Module, family: ModelFamily, input_ids: torch
     return BlockInputs(torch.cat(captured["hidden"]).to(device), kwargs)
 
 
+def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The block's output for one micro-batch x [b, seq, d] (the captured rotary tables are for one row)."""
+    kw = dict(kwargs)
+    if kw.get("position_embeddings") is not None:
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos.expand(x.shape[0], *cos.shape[1:]), sin.expand(x.shape[0], *sin.shape[1:]))
+    out = block(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 1) -> torch.Tensor:
     """Block outputs for every sample of `hidden` [n, seq, d], in micro-batches."""
-    outs = []
-    for start in range(0, hidden.shape[0], batch_size):
-        x = hidden[start:start + batch_size]
-        kw = dict(kwargs)
-        if "position_embeddings" in kw and kw["position_embeddings"] is not None:
-            cos, sin = kw["position_embeddings"]
-            kw["position_embeddings"] = (cos.expand(x.shape[0], *cos.shape[1:]), sin.expand(x.shape[0], *sin.shape[1:]))
-        out = block(x, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
+    return torch.cat([block_forward(block, hidden[start:start + batch_size], kwargs)
+                      for start in range(0, hidden.shape[0], batch_size)])
 
 
 def iterate_blocks(model: nn.Module, family: ModelFamily, device: torch.device) -> Iterator[tuple[int, nn.Module]]:

@@ -102,6 +102,12 @@ class BlockLoss(Enum):
     token_normalized_mse = "token_normalized_mse"  # each token's squared error over its fp output's energy
 
 
+class TrainStep(Enum):
+    auto = "auto"              # compiled on CUDA, eager elsewhere
+    eager = "eager"
+    compiled = "compiled"      # torch.compile of the block's forward and backward
+
+
 @dataclass
 class MethodConfig:
     name: str = MISSING        # the label in records and tables (e.g. baseq_ablation/rv)
@@ -157,6 +163,9 @@ class BaseQConfig(MethodConfig):
     gptq_inputs: BlockInputs = BlockInputs.quantized
     # the last N calibration windows are not trained on; the record gives each block's MSE on them
     heldout_samples: int = 0
+    # how a training step runs: the same numbers up to floating-point reassociation, compiled is faster on
+    # a GPU (small blocks are bound by kernel launches) and slow to start on a CPU
+    train_step: TrainStep = TrainStep.auto
     lr: LearningRates = field(default_factory=LearningRates)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blockwise import run_block
+from .blockwise import block_forward, run_block
 from .errors import TrainingDivergedError
 
 
@@ -37,12 +37,34 @@ def block_loss(kind: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tens
     raise ValueError(f"unknown block loss {kind!r}; use mse or token_normalized_mse")
 
 
+def micro_batch_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, block_kwargs: dict,
+                     loss: str) -> torch.Tensor:
+    return block_loss(loss, block_forward(block, x, block_kwargs), target)
+
+
+# One compiled function for every block: the block is an argument, so its parameters are graph inputs and
+# blocks of the same shape share the compiled forward and backward. Small blocks are bound by kernel
+# launches in eager mode; the compiled step fuses the fake quantizers' elementwise chains. Stage 1's
+# transformed layers get a class of their own per block (torch.nn.utils.parametrize), so stage 1 is traced
+# again for every block; inductor's graph cache makes that retrace seconds, not a new compilation, and the
+# recompile limit is raised so that deep models do not fall back to eager after 8 blocks.
+_compiled_micro_batch_loss = torch.compile(micro_batch_loss, dynamic=False)
+_RECOMPILE_LIMIT = 4096
+
+TRAIN_STEPS = ("eager", "compiled")
+
+
 def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
                 groups: list[ParamGroup], epochs: int, batch_size: int, label: str, seed: int,
-                loss: str = "mse", eta_min: float | None = None, final_lr_fraction: float = 0.01) -> list[float]:
+                loss: str = "mse", eta_min: float | None = None, final_lr_fraction: float = 0.01,
+                step: str = "eager") -> list[float]:
     """Returns the mean loss of each epoch. The learning rates follow a cosine over all steps, down to the
     absolute `eta_min` shared by every group, or (eta_min None) to final_lr_fraction of each group's own
-    rate. Raises TrainingDivergedError (naming `label`) on a NaN/Inf loss."""
+    rate. `step`: "eager", or "compiled" (torch.compile of forward and backward; the same numbers up to
+    floating-point reassociation). Raises TrainingDivergedError (naming `label`) on a NaN/Inf loss."""
+    if step not in TRAIN_STEPS:
+        raise ValueError(f"unknown training step {step!r}; use one of {TRAIN_STEPS}")
+    forward_loss = _compiled_micro_batch_loss if step == "compiled" else micro_batch_loss
     groups = [g for g in groups if g.params]
     if not groups or epochs <= 0:
         return []
@@ -53,7 +75,9 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
         p.requires_grad_(False)
     for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr} for g in groups], weight_decay=0.0)
+    # fused: one kernel for the whole update instead of a few per parameter (CUDA only)
+    optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr} for g in groups], weight_decay=0.0,
+                                  fused=inputs.device.type == "cuda")
     steps_per_epoch = math.ceil(inputs.shape[0] / batch_size)
     total = epochs * steps_per_epoch
     if eta_min is not None:
@@ -65,27 +89,28 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     epoch_losses = []
     progress = tqdm(total=total, desc=label, unit="step", leave=False)
     try:
-        for epoch in range(epochs):
-            order = torch.randperm(inputs.shape[0], generator=gen)
-            # the loss stays on the device until the epoch ends: a host read every step would make the CPU
-            # wait for the GPU, and these small steps are bound by how fast kernels are launched
-            running = torch.zeros((), device=inputs.device)
-            for start in range(0, inputs.shape[0], batch_size):
-                idx = order[start:start + batch_size].to(inputs.device)
-                out = run_block(block, inputs[idx].float(), block_kwargs, batch_size)
-                value = block_loss(loss, out, targets[idx])
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
-                schedule.step()
-                running += value.detach() * idx.numel()
-                progress.update(1)
-            mean_loss = running.item() / inputs.shape[0]
-            if not math.isfinite(mean_loss):
-                raise TrainingDivergedError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower the "
-                                            f"learning rates (method.lr.*) or check the block's inputs")
-            epoch_losses.append(mean_loss)
-            progress.set_postfix(loss=f"{epoch_losses[-1]:.3e}")
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                        accumulated_recompile_limit=_RECOMPILE_LIMIT):
+            for epoch in range(epochs):
+                order = torch.randperm(inputs.shape[0], generator=gen)
+                # the loss stays on the device until the epoch ends: a host read every step would make the CPU
+                # wait for the GPU, and these small steps are bound by how fast kernels are launched
+                running = torch.zeros((), device=inputs.device)
+                for start in range(0, inputs.shape[0], batch_size):
+                    idx = order[start:start + batch_size].to(inputs.device)
+                    value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
+                    optimizer.zero_grad(set_to_none=True)
+                    value.backward()
+                    optimizer.step()
+                    schedule.step()
+                    running += value.detach() * idx.numel()
+                    progress.update(1)
+                mean_loss = running.item() / inputs.shape[0]
+                if not math.isfinite(mean_loss):
+                    raise TrainingDivergedError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower the "
+                                                f"learning rates (method.lr.*) or check the block's inputs")
+                epoch_losses.append(mean_loss)
+                progress.set_postfix(loss=f"{epoch_losses[-1]:.3e}")
     finally:
         progress.close()
         for p in trained:

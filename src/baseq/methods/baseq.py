@@ -61,6 +61,11 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
     return {q: (sums[q] / counts[q]).float() for q in quantizers}
 
 
+def train_step(m, device: torch.device) -> str:
+    mode = enum_value(m.train_step)
+    return ("compiled" if device.type == "cuda" else "eager") if mode == "auto" else mode
+
+
 def _stage1_context(block, family, m):
     """Which quantizers are on while stage 1 trains: all of them, or (the authors' code) only the down_proj
     input's, with the KV cache unquantized."""
@@ -84,7 +89,7 @@ def train_stage1(block, family, m, w_bits: int, head_dim: int, inputs, targets, 
             [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
              ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
              ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-            m.stage1_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage1)
+            m.stage1_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage1, step=train_step(m, device))
     for lin in quant_linears(block):
         lin.weight_quantizer = None
     report["paired_scales"] = transforms.summary()
@@ -125,7 +130,8 @@ def train_stage2(block, m, inputs, targets, kwargs, label: str, seed: int) -> di
         block, inputs, targets, kwargs,
         [ParamGroup("bias", biases, m.lr.bias), ParamGroup("scale", scales, m.lr.scale),
          ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-        m.stage2_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage2)
+        m.stage2_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage2,
+        step=train_step(m, inputs.device))
     return report
 
 
