@@ -19,7 +19,10 @@ and <out>/excluded.{md,csv}: the runs of no protocol (`custom`: a config that di
 defaults in something that changes numbers, e.g. one training epoch or a model cut to 10 blocks), each with
 the keys that differ. They are in no table: custom runs differ from one another too.
 
-Which runs count: status "done" only; a protocol's tables hold only runs of that protocol; per (model,
+Which runs count: every metric of a "done" record, and from a record that did not finish (failed,
+preempted, still running) the metrics of the stages it finished (its `stages_done`: eval_ppl for the
+perplexity, eval_zeroshot for zero-shot), so a run stopped in zero-shot still gives its perplexity; sources.csv
+gives each number's record and its status. A protocol's tables hold only runs of that protocol; per (model,
 method, quant) the newest record (by finished_at). A
 record's comparison methods (metrics.compare) count as runs of those methods, below standalone records of
 the same key. Full precision ignores the quant preset, so fp runs of any preset are one key per model.
@@ -82,6 +85,18 @@ class Run:
     protocol: str = "full"        # analysis.protocol: full, cpu-preset or custom
     record_path: str = ""
     excluded_because: str = ""    # for custom runs: the keys that differ from the protocol's defaults
+    status: str = "done"          # the record's status; a run that did not finish has only finished stages' metrics
+
+
+# the record stage that measures each metric (zero-shot: the average and every task)
+_STAGE_OF = {"wikitext2_ppl": "eval_ppl"}
+
+
+def _finished_metrics(metrics: dict[str, float], record: dict, prefix: str = "") -> dict[str, float]:
+    """The metrics of a record that did not finish whose stages did (stage names carry `prefix` for a
+    comparison method inside the record)."""
+    done = set(record.get("stages_done") or [])
+    return {k: v for k, v in metrics.items() if prefix + _STAGE_OF.get(k, "eval_zeroshot") in done}
 
 
 def _metrics_of(metrics: dict) -> dict[str, float]:
@@ -101,8 +116,8 @@ def _record_paths(results_dirs: str | Path | Iterable[str | Path]) -> list[Path]
 
 
 def read_runs(results_dirs: str | Path | Iterable[str | Path]) -> list[Run]:
-    """Every done record under <results_dir>/runs of one or several results_dirs, and the comparison methods
-    inside them, each with its protocol."""
+    """Every record under <results_dir>/runs of one or several results_dirs with a metric that counts (see the
+    module docstring), and the comparison methods inside them, each with its protocol."""
     runs = []
     for path in _record_paths(results_dirs):
         try:
@@ -110,19 +125,24 @@ def read_runs(results_dirs: str | Path | Iterable[str | Path]) -> list[Run]:
         except (OSError, json.JSONDecodeError) as err:
             print(f"warning: skipping unreadable record {path}: {err}")
             continue
-        if record.get("status") != "done":
-            continue
-        stamp = record.get("finished_at") or ""
+        status = record.get("status", "")
+        complete = status == "done"
+        stamp = record.get("finished_at") or record.get("started_at") or ""
         metrics = record.get("metrics") or {}
         model = _model_label(record)
         run_id = record.get("run_id", path.stem)
         verdict = classify(record)
-        runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp, run_id, True,
-                        _metrics_of(metrics), verdict.protocol, str(path), verdict.reason))
+        own = _metrics_of(metrics) if complete else _finished_metrics(_metrics_of(metrics), record)
+        if own or complete:
+            runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp, run_id,
+                            True, own, verdict.protocol, str(path), verdict.reason, status))
         for method, compared in (metrics.get("compare") or {}).items():
             verdict = classify(record, compared_method=method)
-            runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp, run_id, False,
-                            _metrics_of(compared), verdict.protocol, str(path), verdict.reason))
+            theirs = (_metrics_of(compared) if complete
+                      else _finished_metrics(_metrics_of(compared), record, f"compare_{method}_"))
+            if theirs or complete:
+                runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp, run_id, False,
+                                theirs, verdict.protocol, str(path), verdict.reason, status))
     return runs
 
 
@@ -500,14 +520,15 @@ def sources_table(ours: Results) -> Table:
     """Where each of our numbers comes from: the run and record file that Results.value reads, and how many
     other runs of the same key measured the metric (older ones, or a comparison below a standalone run)."""
     table = Table("sources", f"Sources of our numbers, {ours.label()}",
-                  ["model", "method", "quant", "metric", "value", "run_id", "record", "finished_at", "other_runs"])
+                  ["model", "method", "quant", "metric", "value", "run_id", "record", "status", "finished_at",
+                   "other_runs"])
     for (model, method), runs in sorted(ours.by_key.items()):
         for metric in METRICS:
             run = ours.source(model, method, metric)
             if run is not None:
                 others = sum(metric in r.metrics for r in runs) - 1
                 table.add(model, method, run.quant, metric, run.metrics[metric], run.run_id, run.record_path,
-                          run.finished_at, str(others))
+                          run.status, run.finished_at, str(others))
     return table
 
 

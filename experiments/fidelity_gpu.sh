@@ -10,7 +10,8 @@ set -u
 cd "$(dirname "$0")/.."
 R=${RESULTS:-results/fidelity_gpu}; L=$R/logs; mkdir -p "$L"
 S="model=smollm2-135m"
-Q="model=qwen2.5-coder-0.5b eval.zeroshot.batch_size=16"   # 151k vocabulary: smaller lm-eval batches
+Q="model=qwen2.5-coder-0.5b"
+QZ="eval=full eval.zeroshot.batch_size=16"   # 151k vocabulary: smaller lm-eval batches (only where zero-shot runs)
 HELD="method.heldout_samples=16"
 declare -A JOBS=(
   [s_fp]="$S method=fp eval=full"
@@ -33,11 +34,11 @@ declare -A JOBS=(
   [s_bench_compiled]="$S method=baseq model.num_layers=4 method.train_step=compiled"
   [q_bench_eager]="$Q method=baseq model.num_layers=4 method.train_step=eager"
   [q_bench_compiled]="$Q method=baseq model.num_layers=4 method.train_step=compiled"
-  [q_fp]="$Q method=fp eval=full"
-  [q_quarot]="$Q method=quarot eval=full"
+  [q_fp]="$Q method=fp $QZ"
+  [q_quarot]="$Q method=quarot $QZ"
   [q_quarot_ppl]="$Q method=quarot"
   [q_quarot_no_o]="$Q method=quarot method.o_proj_hadamard=none"
-  [q_baseq]="$Q method=baseq eval=full"
+  [q_baseq]="$Q method=baseq $QZ"
   [q_baseq_fp_inputs]="$Q method=baseq method.train_inputs=fp method.gptq_inputs=fp"
   [q_baseq_e11]="$Q method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
   [q_baseq_token_loss]="$Q method=baseq method.loss=token_normalized_mse"
@@ -52,7 +53,8 @@ run_one() {
   echo "$(date -u +%FT%TZ) start $1" >> "$L/progress"
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $1 rc=$?" >> "$L/progress"
+  local rc=$?   # before any other command (a $(date) in the message would reset $?)
+  echo "$(date -u +%FT%TZ) end $1 rc=$rc" >> "$L/progress"
 }
 for job in "$@"; do
   [ -n "${JOBS[$job]:-}" ] || { echo "unknown job $job (known: ${!JOBS[*]})" >&2; exit 2; }

@@ -272,3 +272,23 @@ def test_tables_read_several_results_dirs(tmp_path):
     sources = (tmp_path / "full" / "sources.csv").read_text()
     assert "fidelity_h200" in sources and "smollm2_h100" in sources
     assert tmp_path / "excluded.md" in written
+
+
+def test_a_run_stopped_in_zeroshot_still_gives_its_perplexity(tmp_path):
+    r = tmp_path / "results"
+    record(r, "done", "llama-2-7b", "quarot", 6.5, 61.0)
+    stopped = r / "runs" / "stopped.json"
+    record(r, "stopped", "llama-2-7b", "quarot", 6.3, 1.0, status="preempted", finished_at="2027-01-01T00:00:00")
+    data = json.loads(stopped.read_text())
+    # the perplexity stage finished; zero-shot did not (its partial numbers must not count)
+    data["stages_done"] = ["load_model", "load_eval_data", "quantize", "eval_ppl"]
+    stopped.write_text(json.dumps(data))
+    record(r, "stopped-early", "llama-2-7b", "fp", 5.5, status="failed")   # no stage list: nothing counts
+    tables.write_all(r, tmp_path / "out")
+    t1 = {(row["model"], row["method"]): row for row in rows(tmp_path / "out" / "full" / "table1.csv")}
+    assert float(t1[("llama-2-7b", "QuaRot")]["Wiki2 ppl"]) == 6.3
+    assert float(t1[("llama-2-7b", "QuaRot")]["0-shot avg"]) == 61.0
+    assert t1[("llama-2-7b", "Full precision")]["Wiki2 ppl"] == ""
+    sources = {(row["method"], row["metric"]): row for row in rows(tmp_path / "out" / "full" / "sources.csv")}
+    assert sources[("quarot", "wikitext2_ppl")]["status"] == "preempted"
+    assert sources[("quarot", "zeroshot_avg")]["status"] == "done"
