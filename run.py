@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from baseq.config import check_group_choices, register_configs, validate
+from baseq.config import check_group_choices, check_overrides_under_null_sections, register_configs, validate
 from baseq.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -92,6 +92,7 @@ def run(cfg: DictConfig, run_id: str) -> float | None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:], CONF_DIR)
+        check_overrides_under_null_sections(sys.argv[1:], CONF_DIR)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

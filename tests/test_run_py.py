@@ -81,6 +81,8 @@ def test_missing_model_path_fails_with_one_line_and_failed_record(tiny_data_root
     (["quant.a_bits=5.5"], "a_bits"),
     (["method.act_clip_ratio=1.0"], "learned clip is a sigmoid"),
     (["method.loss=l1"], "loss"),
+    (["eval.zeroshot.batch_size=16"], "eval=ppl has no zeroshot evaluation"),
+    (["eval=zeroshot", "eval.ppl.seqlen=512"], "eval=zeroshot has no ppl evaluation"),
 ])
 def test_bad_config_fails_before_loading(args, expected, tmp_path):
     out = run([f"results_dir={tmp_path}", *args], timeout=120)

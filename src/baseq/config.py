@@ -367,3 +367,46 @@ def check_group_choices(argv: list[str], conf_dir) -> None:
         for option in value.split(","):
             if option and option not in available:
                 raise UserError(f"unknown {key} {option!r}; available: {', '.join(available)}")
+
+
+def _chosen_option(argv: list[str], group: str, conf_dir) -> str | None:
+    """The option of `group` that argv picks, else the default of conf/config.yaml; None when an experiment
+    preset may pick it (only composing would tell)."""
+    import yaml
+    from pathlib import Path
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "experiment" and value not in ("", "null"):
+            return None
+        if key.lstrip("+~") == group:
+            return value
+    for entry in yaml.safe_load(Path(conf_dir, "config.yaml").read_text()).get("defaults", []):
+        if isinstance(entry, dict) and group in entry:
+            return entry[group]
+    return None
+
+
+def check_overrides_under_null_sections(argv: list[str], conf_dir) -> None:
+    """One-line error for an override inside an evaluation that the eval preset leaves out (e.g.
+    eval.zeroshot.batch_size=16 with eval=ppl, whose zeroshot is null): Hydra stops with an assertion and a
+    traceback there."""
+    import yaml
+    from pathlib import Path
+
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a and not a.startswith("-")]
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] != "eval" or len(parts) < 3 or ".".join(parts[:2]) in keys:
+            continue
+        option = _chosen_option(argv, "eval", conf_dir)
+        if option is None or "," in option:
+            return
+        path = Path(conf_dir, "eval", f"{option}.yaml")
+        preset = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        section = parts[1]
+        value = preset[section] if section in preset else getattr(EvalConfig(name=option), section, ...)
+        if value is None:
+            raise UserError(f"{key}: eval={option} has no {section} evaluation (eval.{section} is null); "
+                            f"choose an eval preset that has it (eval=full has ppl and zeroshot) or drop the override")
+
