@@ -407,6 +407,5 @@ def check_overrides_under_null_sections(argv: list[str], conf_dir) -> None:
         section = parts[1]
         value = preset[section] if section in preset else getattr(EvalConfig(name=option), section, ...)
         if value is None:
-            raise UserError(f"{key}: eval={option} has no {section} evaluation (eval.{section} is null); "
-                            f"choose an eval preset that has it (eval=full has ppl and zeroshot) or drop the override")
-
+            raise UserError(f"{key}: eval={option} has no {section} evaluation (eval.{section} is null); choose "
+                            f"an eval preset that has it (eval=full has ppl and zeroshot) or drop the override")

@@ -62,6 +62,8 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
 
 
 def train_step(m, device: torch.device) -> str:
+    """method.train_step resolved for `device`: auto compiles on CUDA only (on a CPU compiling costs more
+    than it saves)."""
     mode = enum_value(m.train_step)
     return ("compiled" if device.type == "cuda" else "eager") if mode == "auto" else mode
 
