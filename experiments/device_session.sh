@@ -15,6 +15,11 @@
 # keep the calls back to back (one long call waiting on the jobs is safer than many short ones), and
 # collect after every call. Jobs sharing the GPU slow each other down a lot (seven jobs: about 12 BASE-Q steps/s
 # each on SmolLM2); run the jobs that matter first, two or three at a time.
+# Session 3 (2026-12-01): a call's command can return before the staging is done if the machine went back
+# meanwhile (env.sh then says the pieces are incomplete: start again from the first piece). Zero-shot is the
+# long pole: about 30 minutes a run with seven jobs sharing the GPU (30-47 lm-eval requests/s); an eval=full
+# job stopped with SIGTERM (pkill -TERM -f "[m]odel=...") keeps its perplexity in a `preempted` record, and
+# the tables count it. Order the next session as: wheels, Qwen2 pieces, then the Qwen2 jobs first.
 S=/root/stash; R=/root/results
 mkdir -p $S/qwen
 for d in .stage/part-*; do [ -d "$d" ] && cp -n "$d"/piece.* $S/ 2>/dev/null; done
