@@ -11,6 +11,7 @@ authors' public-code recipe is another (conf/method/baseq_authors.yaml)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 
 import torch
@@ -62,10 +63,12 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
 
 
 def train_step(m, device: torch.device) -> str:
-    """method.train_step resolved for `device`: auto compiles on CUDA only (on a CPU compiling costs more
-    than it saves)."""
+    """method.train_step resolved for `device`: auto compiles on CUDA where Triton is installed (inductor
+    needs it there); on a CPU compiling costs more than it saves."""
     mode = enum_value(m.train_step)
-    return ("compiled" if device.type == "cuda" else "eager") if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    return "compiled" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "eager"
 
 
 def _stage1_context(block, family, m):
