@@ -206,3 +206,43 @@ def test_unknown_training_step_is_refused():
 
     with pytest.raises(ValueError, match="unknown training step"):
         train_block(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, 2), {}, [], 1, 1, "x", 0, step="jit")
+
+
+@pytest.mark.parametrize("precision", ["bf16_autocast", "fp16_autocast"])
+def test_autocast_training_keeps_the_block_in_fp32_and_lands_near_fp32(precision):
+    _, _, fp32 = run_baseq()
+    model, _, mixed = run_baseq(train_precision=precision)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for e, c in zip(fp32["blocks"], mixed["blocks"]):
+        assert c["stage2_loss"][-1] <= c["stage2_mse_before"]          # it still trains
+        # 16-bit matmuls change the numbers, not the outcome (the final MSE is measured in fp32 for both)
+        assert c["final_mse_quantized_inputs"] < c["stage1_mse_before"]
+        assert c["final_mse_quantized_inputs"] < 1.5 * e["final_mse_quantized_inputs"]
+        assert "stage1_nonfinite_steps" not in c                       # nothing overflowed on this model
+
+
+def test_fp16_steps_that_overflow_are_skipped_and_counted():
+    from baseq.training import ParamGroup, train_block
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    scale = torch.nn.Parameter(torch.ones(8))
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, **_):
+            return layer(x * scale)
+
+    inputs = torch.randn(4, 3, 8)
+    inputs[0] *= 1e6          # one sample overflows fp16 in the matmul: its step is skipped, not applied
+    log = train_block(Scaled(), inputs, torch.zeros(4, 3, 8), {}, [ParamGroup("scale", [scale], 1e-2)],
+                      epochs=1, batch_size=1, label="x", seed=0, precision="fp16_autocast")
+    assert log.nonfinite_steps == 1 and len(log.epoch_losses) == 1 and torch.isfinite(scale).all()
+    with pytest.raises(ValueError, match="unknown training precision"):
+        train_block(Scaled(), inputs, inputs, {}, [ParamGroup("scale", [scale], 1e-2)], 1, 1, "x", 0, precision="int8")
+
+
+def test_compiled_step_under_autocast_is_refused_in_one_line():
+    from baseq.errors import UserError
+
+    with pytest.raises(UserError, match="the compiled step is fp32 only"):
+        run_baseq(train_step="compiled", train_precision="bf16_autocast")

@@ -108,6 +108,12 @@ class TrainStep(Enum):
     compiled = "compiled"      # torch.compile of the block's forward and backward
 
 
+class TrainPrecision(Enum):
+    fp32 = "fp32"                    # the block and every step in float32
+    fp16_autocast = "fp16_autocast"  # fp16 autocast, the block kept in fp32, GradScaler (the authors' code)
+    bf16_autocast = "bf16_autocast"  # bf16 autocast, the block kept in fp32 (no scaler needed)
+
+
 @dataclass
 class MethodConfig:
     name: str = MISSING        # the label in records and tables (e.g. baseq_ablation/rv)
@@ -166,6 +172,9 @@ class BaseQConfig(MethodConfig):
     # how a training step runs: the same numbers up to floating-point reassociation, compiled is faster on
     # a GPU (small blocks are bound by kernel launches) and slow to start on a CPU
     train_step: TrainStep = TrainStep.auto
+    # fp32 as the paper's reading; the autocast modes run the matmuls in 16 bit (faster; other numbers).
+    # With fp16 a step whose gradients overflow is skipped (GradScaler) and counted in the record.
+    train_precision: TrainPrecision = TrainPrecision.fp32
     lr: LearningRates = field(default_factory=LearningRates)
 
 
@@ -305,6 +314,11 @@ def validate(cfg) -> None:
             if cfg.method[key] >= 1:
                 raise UserError(f"method.{key}={cfg.method[key]} with learn_clip=true: a learned clip is a sigmoid "
                                 f"and must start below 1; use e.g. 0.9, or learn_clip=false")
+    if "train_step" in cfg.method and enum_value(cfg.method.train_step) == "compiled" \
+            and enum_value(cfg.method.train_precision) != "fp32":
+        raise UserError(f"method.train_step=compiled with method.train_precision="
+                        f"{enum_value(cfg.method.train_precision)}: the compiled step is fp32 only; use "
+                        f"train_step=eager (or auto) or train_precision=fp32")
     if cfg.method.get("heldout_samples", 0):
         held, n = cfg.method.heldout_samples, cfg.calib.nsamples
         if not 0 <= held < n:

@@ -52,22 +52,38 @@ _compiled_micro_batch_loss = torch.compile(micro_batch_loss, dynamic=False)
 _RECOMPILE_LIMIT = 4096
 
 TRAIN_STEPS = ("eager", "compiled")
+# the autocast dtype of each training precision (fp32: no autocast)
+AUTOCAST_DTYPES = {"fp32": None, "fp16_autocast": torch.float16, "bf16_autocast": torch.bfloat16}
+
+
+@dataclass
+class TrainingLog:
+    epoch_losses: list[float]   # the mean loss of each epoch, over the steps that were taken
+    nonfinite_steps: int = 0    # fp16 autocast: steps with an overflowing (non-finite) loss, not applied
 
 
 def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
                 groups: list[ParamGroup], epochs: int, batch_size: int, label: str, seed: int,
                 loss: str = "mse", eta_min: float | None = None, final_lr_fraction: float = 0.01,
-                step: str = "eager") -> list[float]:
-    """Returns the mean loss of each epoch. The learning rates follow a cosine over all steps, down to the
-    absolute `eta_min` shared by every group, or (eta_min None) to final_lr_fraction of each group's own
-    rate. `step`: "eager", or "compiled" (torch.compile of forward and backward; the same numbers up to
-    floating-point reassociation). Raises TrainingDivergedError (naming `label`) on a NaN/Inf loss."""
+                step: str = "eager", precision: str = "fp32") -> TrainingLog:
+    """The learning rates follow a cosine over all steps, down to the absolute `eta_min` shared by every
+    group, or (eta_min None) to final_lr_fraction of each group's own rate. `step`: "eager", or "compiled"
+    (torch.compile of forward and backward; the same numbers up to floating-point reassociation).
+    `precision`: fp32, or fp16/bf16 autocast of the forward with the block's parameters kept in fp32; fp16
+    goes through a GradScaler, which skips a step whose gradients overflow (the BASE-Q authors' code).
+    Raises TrainingDivergedError (naming `label`) on a NaN/Inf epoch loss (with fp16: when no step of an
+    epoch had a finite loss)."""
     if step not in TRAIN_STEPS:
         raise ValueError(f"unknown training step {step!r}; use one of {TRAIN_STEPS}")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown training precision {precision!r}; use one of {tuple(AUTOCAST_DTYPES)}")
     forward_loss = _compiled_micro_batch_loss if step == "compiled" else micro_batch_loss
+    autocast_dtype = AUTOCAST_DTYPES[precision]
+    device_type = inputs.device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype is torch.float16)
     groups = [g for g in groups if g.params]
     if not groups or epochs <= 0:
-        return []
+        return TrainingLog([])
     trained = {p for g in groups for p in g.params}
     # everything else in the block is frozen while it trains: no gradient is computed or kept for it
     frozen = [p for p in block.parameters() if p.requires_grad and p not in trained]
@@ -86,7 +102,7 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * step / total)))
     gen = torch.Generator().manual_seed(seed)
-    epoch_losses = []
+    epoch_losses, nonfinite_steps = [], 0
     progress = tqdm(total=total, desc=label, unit="step", leave=False)
     try:
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
@@ -96,16 +112,33 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
                 # the loss stays on the device until the epoch ends: a host read every step would make the CPU
                 # wait for the GPU, and these small steps are bound by how fast kernels are launched
                 running = torch.zeros((), device=inputs.device)
+                samples = torch.zeros((), device=inputs.device)
+                nonfinite = torch.zeros((), device=inputs.device, dtype=torch.long)
                 for start in range(0, inputs.shape[0], batch_size):
                     idx = order[start:start + batch_size].to(inputs.device)
-                    value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
+                    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
                     optimizer.zero_grad(set_to_none=True)
-                    value.backward()
-                    optimizer.step()
+                    scaler.scale(value).backward()
+                    scaler.step(optimizer)   # with the scaler off: optimizer.step()
+                    scaler.update()
                     schedule.step()
-                    running += value.detach() * idx.numel()
+                    value = value.detach()
+                    if scaler.is_enabled():
+                        # GradScaler skipped an overflowing step (its gradients are not finite either); it is
+                        # not in the epoch's mean. (It also skips steps whose loss is finite but whose
+                        # gradients overflow at its current scale; those losses are valid and counted.)
+                        finite = torch.isfinite(value)
+                        running += torch.where(finite, value, 0) * idx.numel()
+                        samples += finite * idx.numel()
+                        nonfinite += ~finite
+                    else:
+                        running += value * idx.numel()
+                        samples += idx.numel()
                     progress.update(1)
-                mean_loss = running.item() / inputs.shape[0]
+                taken_samples = samples.item()
+                mean_loss = running.item() / taken_samples if taken_samples else float("nan")
+                nonfinite_steps += int(nonfinite.item())
                 if not math.isfinite(mean_loss):
                     raise TrainingDivergedError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower the "
                                                 f"learning rates (method.lr.*) or check the block's inputs")
@@ -117,7 +150,7 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
             p.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
-    return epoch_losses
+    return TrainingLog(epoch_losses, nonfinite_steps)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..blockwise import capture_block_inputs, iterate_blocks, run_block
 from ..config import enum_value
+from ..errors import UserError
 from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
@@ -64,11 +65,17 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
 
 def train_step(m, device: torch.device) -> str:
     """method.train_step resolved for `device`: auto compiles on CUDA where Triton is installed (inductor
-    needs it there); on a CPU compiling costs more than it saves."""
+    needs it there) and the step is in fp32; on a CPU compiling costs more than it saves. The compiled step
+    under autocast gave NaN losses in stage 2 (CPU, torch 2.13, both 16-bit dtypes), so autocast runs eager."""
     mode = enum_value(m.train_step)
+    autocast = enum_value(m.train_precision) != "fp32"
+    if mode == "compiled" and autocast:   # run.py refuses this combination before loading (config.validate)
+        raise UserError(f"method.train_step=compiled with method.train_precision={enum_value(m.train_precision)}: "
+                        f"the compiled step is fp32 only; use train_step=eager (or auto) or train_precision=fp32")
     if mode != "auto":
         return mode
-    return "compiled" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "eager"
+    cuda_with_triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return "compiled" if cuda_with_triton and not autocast else "eager"
 
 
 def _stage1_context(block, family, m):
@@ -89,12 +96,14 @@ def train_stage1(block, family, m, w_bits: int, head_dim: int, inputs, targets, 
     bs = m.train_batch_size
     with _stage1_context(block, family, m):
         report = {"stage1_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
-        report["stage1_loss"] = train_block(
+        training = train_block(
             block, inputs, targets, kwargs,
             [ParamGroup("scale", transforms.scale_parameters(), m.lr.scale),
              ParamGroup("rotation", transforms.rotation_parameters(), m.lr.rotation),
              ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
-            m.stage1_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage1, step=train_step(m, device))
+            m.stage1_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage1, step=train_step(m, device),
+            precision=enum_value(m.train_precision))
+        report.update(_training_report("stage1", training))
     for lin in quant_linears(block):
         lin.weight_quantizer = None
     report["paired_scales"] = transforms.summary()
@@ -131,12 +140,21 @@ def train_stage2(block, m, inputs, targets, kwargs, label: str, seed: int) -> di
     biases = [qz.bias for qz in act_quantizers + kv_quantizers if qz.bias is not None]
     scales = [qz.scale for qz in act_quantizers if qz.scale is not None]
     report = {"stage2_mse_before": block_mse(block, inputs, targets, kwargs, bs)}
-    report["stage2_loss"] = train_block(
+    training = train_block(
         block, inputs, targets, kwargs,
         [ParamGroup("bias", biases, m.lr.bias), ParamGroup("scale", scales, m.lr.scale),
          ParamGroup("clip", _clip_parameters(block), m.lr.clip)],
         m.stage2_epochs, bs, label, seed, enum_value(m.loss), m.lr.eta_min_stage2,
-        step=train_step(m, inputs.device))
+        step=train_step(m, inputs.device), precision=enum_value(m.train_precision))
+    report.update(_training_report("stage2", training))
+    return report
+
+
+def _training_report(stage: str, training) -> dict:
+    """The epoch losses, and (fp16 autocast) how many steps overflowed and were skipped, when any were."""
+    report = {f"{stage}_loss": training.epoch_losses}
+    if training.nonfinite_steps:
+        report[f"{stage}_nonfinite_steps"] = training.nonfinite_steps
     return report
 
 
