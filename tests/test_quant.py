@@ -150,3 +150,33 @@ def test_gptq_beats_rtn_on_layer_output_error():
     # act-order is a permutation of the same algorithm: also better than RTN
     q_ao, _ = gptq_quantize(w, acc.hessian, bits=4, clip_search="none", act_order=True)
     assert err(q_ao) < 0.7 * err(q_rtn)
+
+
+def test_gptq_block_stops_each_pass_at_the_group_input_and_gets_the_full_pass_hessians():
+    import copy
+
+    from baseq.blockwise import capture_block_inputs, run_block
+    from baseq.methods.quarot import apply_rotations
+    from baseq.models.families import family_of
+    from baseq.quantize import attach_quantizers, each_quantizer_input, gptq_block, set_quantized_weight
+    from conftest import tiny_qwen2
+
+    model = tiny_qwen2(hidden=64, ffn=192, heads=4, kv_heads=2, layers=1, dtype=torch.float32)
+    family = family_of(model)
+    attach_quantizers(model, family, 16, 16, 1.0, 1.0)
+    apply_rotations(model, family, torch.device("cpu"), seed=0)
+    inputs = capture_block_inputs(model, family, torch.randint(0, 256, (3, 24)), torch.device("cpu"))
+    block = family.blocks(model)[0]
+    reference = copy.deepcopy(block)
+    gptq_block(block, family, inputs.hidden, inputs.kwargs, bits=4, clip_search="none", batch_size=2)
+    # the reference: every Hessian from a full pass of the block, group by group
+    for group in family.sequential_groups():
+        linears = [reference.get_submodule(name) for name in group]
+        hessian = HessianAccumulator(linears[0].in_features, torch.device("cpu"))
+        with each_quantizer_input([linears[0].act_quantizer], lambda _q, x: hessian.add(x)):
+            run_block(reference, inputs.hidden, inputs.kwargs, 2)
+        for lin in linears:
+            q, scale = gptq_quantize(lin.weight, hessian.hessian, 4, "none")
+            set_quantized_weight(lin, q, scale, 4)
+    for (name, ours), (_, theirs) in zip(block.named_parameters(), reference.named_parameters()):
+        assert torch.equal(ours, theirs), name

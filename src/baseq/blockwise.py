@@ -13,8 +13,9 @@ from torch import nn
 from .models.families import ModelFamily
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs from a forward pass; the caller catches it and the rest of
+    the pass is not computed."""
 
 
 @dataclass
@@ -41,7 +42,7 @@ def capture_block_inputs(model: nn.Module, family: ModelFamily, input_ids: torch
     def catch(_module, args, kwargs):
         captured["hidden"].append(args[0] if args else kwargs["hidden_states"])
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        raise _StopForward
+        raise StopForward
 
     for module in family.non_block_modules(model):
         module.to(device)
@@ -52,7 +53,7 @@ def capture_block_inputs(model: nn.Module, family: ModelFamily, input_ids: torch
         for row in input_ids:
             try:
                 model(row.unsqueeze(0).to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blockwise import capture_block_inputs, iterate_blocks, run_block
+from .blockwise import StopForward, block_forward, capture_block_inputs, iterate_blocks, run_block
 from .gptq import HessianAccumulator, gptq_quantize
 from .hadamard import has_hadamard
 from .models.families import ModelFamily
@@ -157,8 +157,17 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
         # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
         # Observing the quantizer's input sees it after any online rotation.
         hessian = HessianAccumulator(linears[0].in_features, hidden.device, normalize_tokens)
-        with each_quantizer_input([linears[0].act_quantizer], lambda _q, x: hessian.add(x)):
-            run_block(block, hidden, block_kwargs, batch_size)
+
+        def observe(_quantizer, x):
+            hessian.add(x)
+            raise StopForward   # the rest of the block does not change this group's Hessian
+
+        with each_quantizer_input([linears[0].act_quantizer], observe):
+            for start in range(0, hidden.shape[0], batch_size):
+                try:
+                    block_forward(block, hidden[start:start + batch_size], block_kwargs)
+                except StopForward:
+                    pass
         for lin in linears:
             q, scale = gptq_quantize(lin.weight, hessian.hessian, bits, clip_search, block_size, damp, act_order)
             set_quantized_weight(lin, q, scale, bits)

@@ -153,8 +153,11 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     return TrainingLog(epoch_losses, nonfinite_steps)
 
 
+def mse(out: torch.Tensor, target: torch.Tensor) -> float:
+    return torch.nn.functional.mse_loss(out.float(), target.float()).item()
+
+
 @torch.no_grad()
 def block_mse(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
               batch_size: int = 1) -> float:
-    out = run_block(block, inputs.float(), block_kwargs, batch_size)
-    return torch.nn.functional.mse_loss(out.float(), targets.float()).item()
+    return mse(run_block(block, inputs.float(), block_kwargs, batch_size), targets)

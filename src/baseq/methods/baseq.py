@@ -25,7 +25,7 @@ from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
                         only_quantizers, quant_linears, quantize_block_rtn)
-from ..training import ParamGroup, block_mse, train_block
+from ..training import ParamGroup, block_mse, mse, train_block
 from .quarot import apply_rotations, head_dim_of
 
 
@@ -226,13 +226,16 @@ def quantize(model, family, ctx) -> None:
         # the block's error on fp inputs (its own share) and on the quantized model's inputs (what evaluation
         # sees: it includes every earlier block's error), against the fp block on fp inputs
         entry["final_mse_fp_inputs"] = block_mse(block, x_fp[train], y_fp[train], kwargs, bs)
-        entry["final_mse_quantized_inputs"] = block_mse(block, x_q[train], y_fp[train], kwargs, bs)
         if m.heldout_samples:
             entry["heldout_mse_fp_inputs"] = block_mse(block, x_fp[held], y_fp[held], kwargs, bs)
-            entry["heldout_mse_quantized_inputs"] = block_mse(block, x_q[held], y_fp[held], kwargs, bs)
-        entry["learned"] = learned_summary(block, family)
+        # the quantized model's next inputs; their error is the block's MSE on the quantized inputs
         with torch.no_grad():
-            x_q = run_block(block, x_q.float(), kwargs, bs).to(x_q.dtype)
+            y_q = run_block(block, x_q.float(), kwargs, bs)
+        entry["final_mse_quantized_inputs"] = mse(y_q[train], y_fp[train])
+        if m.heldout_samples:
+            entry["heldout_mse_quantized_inputs"] = mse(y_q[held], y_fp[held])
+        entry["learned"] = learned_summary(block, family)
+        x_q = y_q.to(x_q.dtype)
         x_fp = y_fp.to(x_fp.dtype)
         block.to(dtype)
         report.append(entry)
