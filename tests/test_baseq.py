@@ -241,8 +241,12 @@ def test_fp16_steps_that_overflow_are_skipped_and_counted():
         train_block(Scaled(), inputs, inputs, {}, [ParamGroup("scale", [scale], 1e-2)], 1, 1, "x", 0, precision="int8")
 
 
-def test_compiled_step_under_autocast_is_refused_in_one_line():
-    from baseq.errors import UserError
-
-    with pytest.raises(UserError, match="the compiled step is fp32 only"):
-        run_baseq(train_step="compiled", train_precision="bf16_autocast")
+@pytest.mark.parametrize("precision", ["bf16_autocast", "fp16_autocast"])
+def test_compiled_step_under_autocast_gives_the_eager_numbers(precision):
+    # inductor without emulate_precision_casts gave NaN here in stage 2 (torch 2.13, CPU)
+    _, _, eager = run_baseq(train_precision=precision, train_step="eager")
+    _, _, compiled = run_baseq(train_precision=precision, train_step="compiled")
+    for key in ("stage1_loss", "stage2_loss"):
+        assert compiled["blocks"][0][key][0] == pytest.approx(eager["blocks"][0][key][0], rel=2e-2)
+    for e, c in zip(eager["blocks"], compiled["blocks"]):
+        torch.testing.assert_close(torch.tensor(c["stage2_loss"]), torch.tensor(e["stage2_loss"]), rtol=0.2, atol=0)

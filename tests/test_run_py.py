@@ -82,7 +82,6 @@ def test_missing_model_path_fails_with_one_line_and_failed_record(tiny_data_root
     (["method.act_clip_ratio=1.0"], "learned clip is a sigmoid"),
     (["method.loss=l1"], "loss"),
     (["eval.zeroshot.batch_size=16"], "eval=ppl has no zeroshot evaluation"),
-    (["method.train_step=compiled", "method.train_precision=bf16_autocast"], "the compiled step is fp32 only"),
     (["method.train_precision=fp8"], "train_precision"),
     (["eval=zeroshot", "eval.ppl.seqlen=512"], "eval=zeroshot has no ppl evaluation"),
 ])

@@ -314,11 +314,6 @@ def validate(cfg) -> None:
             if cfg.method[key] >= 1:
                 raise UserError(f"method.{key}={cfg.method[key]} with learn_clip=true: a learned clip is a sigmoid "
                                 f"and must start below 1; use e.g. 0.9, or learn_clip=false")
-    if "train_step" in cfg.method and enum_value(cfg.method.train_step) == "compiled" \
-            and enum_value(cfg.method.train_precision) != "fp32":
-        raise UserError(f"method.train_step=compiled with method.train_precision="
-                        f"{enum_value(cfg.method.train_precision)}: the compiled step is fp32 only; use "
-                        f"train_step=eager (or auto) or train_precision=fp32")
     if cfg.method.get("heldout_samples", 0):
         held, n = cfg.method.heldout_samples, cfg.calib.nsamples
         if not 0 <= held < n:

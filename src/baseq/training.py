@@ -51,6 +51,17 @@ def micro_batch_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, bl
 _compiled_micro_batch_loss = torch.compile(micro_batch_loss, dynamic=False)
 _RECOMPILE_LIMIT = 4096
 
+
+def _micro_batch_loss_16bit(block, x, target, block_kwargs, loss):
+    return micro_batch_loss(block, x, target, block_kwargs, loss)
+
+
+# Under autocast, inductor keeps fused intermediates in fp32 where eager rounds them to 16 bit; on the CPU
+# (torch 2.13) that gave NaN losses in stage 2. emulate_precision_casts rounds them as eager does (the
+# losses then match the eager step's). A function of its own, so its graphs are cached apart.
+_compiled_micro_batch_loss_16bit = torch.compile(_micro_batch_loss_16bit, dynamic=False,
+                                                 options={"emulate_precision_casts": True})
+
 TRAIN_STEPS = ("eager", "compiled")
 # the autocast dtype of each training precision (fp32: no autocast)
 AUTOCAST_DTYPES = {"fp32": None, "fp16_autocast": torch.float16, "bf16_autocast": torch.bfloat16}
@@ -77,8 +88,9 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
         raise ValueError(f"unknown training step {step!r}; use one of {TRAIN_STEPS}")
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"unknown training precision {precision!r}; use one of {tuple(AUTOCAST_DTYPES)}")
-    forward_loss = _compiled_micro_batch_loss if step == "compiled" else micro_batch_loss
     autocast_dtype = AUTOCAST_DTYPES[precision]
+    forward_loss = (micro_batch_loss if step == "eager" else
+                    _compiled_micro_batch_loss if autocast_dtype is None else _compiled_micro_batch_loss_16bit)
     device_type = inputs.device.type
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype is torch.float16)
     groups = [g for g in groups if g.params]

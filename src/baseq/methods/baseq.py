@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from ..blockwise import capture_block_inputs, iterate_blocks, run_block
 from ..config import enum_value
-from ..errors import UserError
 from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
@@ -65,17 +64,11 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
 
 def train_step(m, device: torch.device) -> str:
     """method.train_step resolved for `device`: auto compiles on CUDA where Triton is installed (inductor
-    needs it there) and the step is in fp32; on a CPU compiling costs more than it saves. The compiled step
-    under autocast gave NaN losses in stage 2 (CPU, torch 2.13, both 16-bit dtypes), so autocast runs eager."""
+    needs it there); on a CPU compiling costs more than it saves."""
     mode = enum_value(m.train_step)
-    autocast = enum_value(m.train_precision) != "fp32"
-    if mode == "compiled" and autocast:   # run.py refuses this combination before loading (config.validate)
-        raise UserError(f"method.train_step=compiled with method.train_precision={enum_value(m.train_precision)}: "
-                        f"the compiled step is fp32 only; use train_step=eager (or auto) or train_precision=fp32")
     if mode != "auto":
         return mode
-    cuda_with_triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    return "compiled" if cuda_with_triton and not autocast else "eager"
+    return "compiled" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "eager"
 
 
 def _stage1_context(block, family, m):
