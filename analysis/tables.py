@@ -92,11 +92,14 @@ class Run:
 _STAGE_OF = {"wikitext2_ppl": "eval_ppl"}
 
 
-def _finished_metrics(metrics: dict[str, float], record: dict, prefix: str = "") -> dict[str, float]:
-    """The metrics of a record that did not finish whose stages did (stage names carry `prefix` for a
-    comparison method inside the record)."""
+def _counted_metrics(metrics: dict, record: dict, prefix: str = "") -> dict[str, float]:
+    """The METRICS of a done record; of a record that did not finish, those whose stages did (stage names
+    carry `prefix` for a comparison method inside the record)."""
+    ours = _metrics_of(metrics)
+    if record.get("status") == "done":
+        return ours
     done = set(record.get("stages_done") or [])
-    return {k: v for k, v in metrics.items() if prefix + _STAGE_OF.get(k, "eval_zeroshot") in done}
+    return {k: v for k, v in ours.items() if prefix + _STAGE_OF.get(k, "eval_zeroshot") in done}
 
 
 def _metrics_of(metrics: dict) -> dict[str, float]:
@@ -132,14 +135,13 @@ def read_runs(results_dirs: str | Path | Iterable[str | Path]) -> list[Run]:
         model = _model_label(record)
         run_id = record.get("run_id", path.stem)
         verdict = classify(record)
-        own = _metrics_of(metrics) if complete else _finished_metrics(_metrics_of(metrics), record)
+        own = _counted_metrics(metrics, record)
         if own or complete:
             runs.append(Run(model, record["method"], _quant_key(record["method"], record["quant"]), stamp, run_id,
                             True, own, verdict.protocol, str(path), verdict.reason, status))
         for method, compared in (metrics.get("compare") or {}).items():
             verdict = classify(record, compared_method=method)
-            theirs = (_metrics_of(compared) if complete
-                      else _finished_metrics(_metrics_of(compared), record, f"compare_{method}_"))
+            theirs = _counted_metrics(compared, record, f"compare_{method}_")
             if theirs or complete:
                 runs.append(Run(model, method, _quant_key(method, record["quant"]), stamp, run_id, False,
                                 theirs, verdict.protocol, str(path), verdict.reason, status))

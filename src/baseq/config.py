@@ -173,7 +173,8 @@ class BaseQConfig(MethodConfig):
     # a GPU (small blocks are bound by kernel launches) and slow to start on a CPU
     train_step: TrainStep = TrainStep.auto
     # fp32 as the paper's reading; the autocast modes run the matmuls in 16 bit (faster; other numbers).
-    # With fp16 a step whose gradients overflow is skipped (GradScaler) and counted in the record.
+    # With fp16 a GradScaler skips steps whose gradients overflow; steps with a non-finite loss are counted
+    # in the record (stage*_nonfinite_steps) and left out of the epoch's mean loss.
     train_precision: TrainPrecision = TrainPrecision.fp32
     lr: LearningRates = field(default_factory=LearningRates)
 
@@ -404,16 +405,18 @@ def check_overrides_under_null_sections(argv: list[str], conf_dir) -> None:
     from pathlib import Path
 
     keys = [a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a and not a.startswith("-")]
-    for key in keys:
-        parts = key.split(".")
-        if parts[0] != "eval" or len(parts) < 3 or ".".join(parts[:2]) in keys:
-            continue
-        option = _chosen_option(argv, "eval", conf_dir)
-        if option is None or "," in option:
-            return
-        path = Path(conf_dir, "eval", f"{option}.yaml")
-        preset = yaml.safe_load(path.read_text()) if path.is_file() else {}
-        section = parts[1]
+    # keys inside an eval section (eval.<section>.<key>), unless the section itself is set too
+    inside = [k for k in keys
+              if k.startswith("eval.") and k.count(".") >= 2 and ".".join(k.split(".")[:2]) not in keys]
+    if not inside:
+        return
+    option = _chosen_option(argv, "eval", conf_dir)
+    if option is None or "," in option:
+        return
+    path = Path(conf_dir, "eval", f"{option}.yaml")
+    preset = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    for key in inside:
+        section = key.split(".")[1]
         value = preset[section] if section in preset else getattr(EvalConfig(name=option), section, ...)
         if value is None:
             raise UserError(f"{key}: eval={option} has no {section} evaluation (eval.{section} is null); choose "

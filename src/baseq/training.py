@@ -105,7 +105,7 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
         p.requires_grad_(True)
     # fused: one kernel for the whole update instead of a few per parameter (CUDA only)
     optimizer = torch.optim.AdamW([{"params": g.params, "lr": g.lr} for g in groups], weight_decay=0.0,
-                                  fused=inputs.device.type == "cuda")
+                                  fused=device_type == "cuda")
     steps_per_epoch = math.ceil(inputs.shape[0] / batch_size)
     total = epochs * steps_per_epoch
     if eta_min is not None:
@@ -124,8 +124,9 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
                 # the loss stays on the device until the epoch ends: a host read every step would make the CPU
                 # wait for the GPU, and these small steps are bound by how fast kernels are launched
                 running = torch.zeros((), device=inputs.device)
-                samples = torch.zeros((), device=inputs.device)
-                nonfinite = torch.zeros((), device=inputs.device, dtype=torch.long)
+                if scaler.is_enabled():   # the samples whose loss counts, and the steps whose loss did not
+                    finite_samples = torch.zeros((), device=inputs.device)
+                    nonfinite = torch.zeros((), device=inputs.device, dtype=torch.long)
                 for start in range(0, inputs.shape[0], batch_size):
                     idx = order[start:start + batch_size].to(inputs.device)
                     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -142,15 +143,15 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
                         # gradients overflow at its current scale; those losses are valid and counted.)
                         finite = torch.isfinite(value)
                         running += torch.where(finite, value, 0) * idx.numel()
-                        samples += finite * idx.numel()
+                        finite_samples += finite * idx.numel()
                         nonfinite += ~finite
                     else:
                         running += value * idx.numel()
-                        samples += idx.numel()
                     progress.update(1)
-                taken_samples = samples.item()
-                mean_loss = running.item() / taken_samples if taken_samples else float("nan")
-                nonfinite_steps += int(nonfinite.item())
+                counted = finite_samples.item() if scaler.is_enabled() else inputs.shape[0]
+                mean_loss = running.item() / counted if counted else float("nan")
+                if scaler.is_enabled():
+                    nonfinite_steps += int(nonfinite.item())
                 if not math.isfinite(mean_loss):
                     raise TrainingDivergedError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower the "
                                                 f"learning rates (method.lr.*) or check the block's inputs")

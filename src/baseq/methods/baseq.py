@@ -144,7 +144,7 @@ def train_stage2(block, m, inputs, targets, kwargs, label: str, seed: int) -> di
 
 
 def _training_report(stage: str, training) -> dict:
-    """The epoch losses, and (fp16 autocast) how many steps overflowed and were skipped, when any were."""
+    """The epoch losses, and (fp16 autocast) how many steps had a non-finite loss and were skipped, if any."""
     report = {f"{stage}_loss": training.epoch_losses}
     if training.nonfinite_steps:
         report[f"{stage}_nonfinite_steps"] = training.nonfinite_steps
