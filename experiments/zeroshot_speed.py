@@ -34,7 +34,7 @@ from baseq.config import enum_value, register_configs, resolve_device
 from baseq.evaluation.zeroshot import evaluate_zeroshot
 from baseq.models.loading import load_model
 from baseq.pipeline import apply_method
-from baseq.records import package_versions
+from baseq.records import git_commit, package_versions
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -47,13 +47,15 @@ def synchronize(device: torch.device) -> None:
 def time_tasks(model, tokenizer, cfg, data_root, device, combined: bool) -> dict:
     """{"tasks": {task: {"seconds", "accuracy"}}, "total_s", "avg"[, "combined": {...}]}"""
     zs = cfg.eval.zeroshot
+    precision = enum_value(zs.float32_matmul_precision)
     out: dict = {"tasks": {}}
     for task in zs.tasks:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         start = time.perf_counter()
-        scores = evaluate_zeroshot(model, tokenizer, [task], data_root, zs.limit, zs.batch_size, device)
+        scores = evaluate_zeroshot(model, tokenizer, [task], data_root, zs.limit, zs.batch_size, device,
+                                   matmul_precision=precision)
         synchronize(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -64,7 +66,8 @@ def time_tasks(model, tokenizer, cfg, data_root, device, combined: bool) -> dict
     if combined:   # what run.py does: one lm-eval call, every task's requests batched together
         synchronize(device)
         start = time.perf_counter()
-        scores = evaluate_zeroshot(model, tokenizer, list(zs.tasks), data_root, zs.limit, zs.batch_size, device)
+        scores = evaluate_zeroshot(model, tokenizer, list(zs.tasks), data_root, zs.limit, zs.batch_size, device,
+                                   matmul_precision=precision)
         synchronize(device)
         out["combined"] = {"seconds": time.perf_counter() - start, "avg": scores["zeroshot_avg"]}
         print(f"  {'all, one call':<16}{out['combined']['seconds']:>9.1f} s{scores['zeroshot_avg']:>9.2f} %")
@@ -120,6 +123,7 @@ def main() -> None:
         "device_memory_total_gib": None if total is None else total / 2**30,
         "cpu_threads": torch.get_num_threads(),
         "versions": package_versions(),
+        "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "quantize_s": quantize_s,
         "results": results,

@@ -53,6 +53,18 @@ def test_tiny_model_scores_all_nine_tasks(tiny_model_dirs, data_root):
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_matmul_precision_holds_while_lm_eval_runs_and_is_restored(tiny_model_dirs, data_root):
+    path = tiny_model_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seen = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    evaluate_zeroshot(model, AutoTokenizer.from_pretrained(path), ["piqa"], data_root, limit=2, batch_size=4,
+                      device=torch.device("cpu"), matmul_precision="high")
+    assert seen and set(seen) == {"high"}
+    assert torch.get_float32_matmul_precision() == before == "highest"
+
+
 def test_embedded_model_beats_chance(data_root):
     """SmolLM2-135M (fp) on the first 12 documents of ARC-Easy and PIQA: ~40% and ~67% (chance 25% and 50%).
     A broken prompt, target or scoring path lands at chance or below."""

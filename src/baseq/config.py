@@ -21,6 +21,12 @@ class Device(Enum):
     cuda = "cuda"
 
 
+class MatmulPrecision(Enum):
+    """torch.set_float32_matmul_precision: highest = true fp32, high = TF32 tensor cores on a GPU."""
+    highest = "highest"
+    high = "high"
+
+
 class DType(Enum):
     auto = "auto"
     float32 = "float32"
@@ -201,6 +207,9 @@ class ZeroShotConfig:
     limit: Optional[int] = None   # the first N documents of each task (quick runs); null = every document
     # the largest batch; smaller ones where their logits would not fit (evaluation/bounded_hflm.py)
     batch_size: int = 32
+    # float32 matmuls while lm-eval runs: `high` (TF32) makes fp32 models (GGUF copies) several times faster
+    # on a GPU at a 10-bit mantissa for the matmul inputs; perplexity and calibration always use `highest`
+    float32_matmul_precision: MatmulPrecision = MatmulPrecision.highest
 
 
 @dataclass

@@ -103,7 +103,8 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
         zs = cfg.eval.zeroshot
         root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
         with rec.stage("eval_zeroshot"):
-            rec.update(**evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device))
+            rec.update(**evaluate_zeroshot(model, tokenizer, list(zs.tasks), root, zs.limit, zs.batch_size, device,
+                                           matmul_precision=enum_value(zs.float32_matmul_precision)))
             sources["zeroshot"] = zeroshot_sources(list(zs.tasks), root)
     if "eval_ppl_kernels" in stages:
         with rec.stage("eval_ppl_kernels"):

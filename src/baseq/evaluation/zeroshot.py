@@ -20,6 +20,7 @@ import logging
 import os
 import statistics
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -279,15 +280,30 @@ def headline_metric(task_result: dict) -> tuple[str, float]:
     raise KeyError(f"lm-eval reported neither acc_norm nor acc: {sorted(task_result)}")
 
 
+@contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision for the duration, the previous setting restored after."""
+    import torch
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None, limit: int | None,
-                      batch_size: int, device: torch.device, logits_budget_bytes: int | None = None) -> dict:
+                      batch_size: int, device: torch.device, logits_budget_bytes: int | None = None,
+                      matmul_precision: str = "highest") -> dict:
     """{"zeroshot": {task: accuracy in percent}, "zeroshot_avg": their mean}.
 
     data_root: a folder with the local copies, or None for the hub (pass `data.resolve_data_root(...)` so
     zero-shot reads from the same root as perplexity). limit: the first N documents of each task (quick
     runs; None = all). batch_size: the largest batch; long requests get smaller ones so that a batch's
     logits fit logits_budget_bytes (default: a share of the memory free on `device` once the model is
-    there; see bounded_hflm.py). The model is moved to `device` for the evaluation and back after.
+    there; see bounded_hflm.py). matmul_precision: torch's float32 matmul precision while lm-eval runs ("high":
+    TF32 on a GPU). The model is moved to `device` for the evaluation and back after.
     """
     from lm_eval.evaluator import simple_evaluate
 
@@ -310,8 +326,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None
                  batch_size, logits_budget_bytes / 2**30)
         # bootstrap_iters=0: no stderr bootstrap (100k resamples per task otherwise); log_samples=False
         # keeps every document's outputs out of memory
-        out = simple_evaluate(lm, tasks=list(loaded.values()), task_manager=manager, limit=limit,
-                              bootstrap_iters=0, log_samples=False)
+        with float32_matmul_precision(matmul_precision):
+            out = simple_evaluate(lm, tasks=list(loaded.values()), task_manager=manager, limit=limit,
+                                  bootstrap_iters=0, log_samples=False)
     finally:
         model.to(home)
     scores = {}
