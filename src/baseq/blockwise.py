@@ -4,6 +4,7 @@ so the device memory does not grow with the depth of the model."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .models.families import ModelFamily
+from .models.lazy import block_store
 
 
 class StopForward(Exception):
@@ -46,18 +48,16 @@ def capture_block_inputs(model: nn.Module, family: ModelFamily, input_ids: torch
 
     for module in family.non_block_modules(model):
         module.to(device)
-    home = next(blocks[0].parameters()).device
-    blocks[0].to(device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for row in input_ids:
-            try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-        blocks[0].to(home)
+    with block_on_device(model, family, 0, device, write_back=False):
+        handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for row in input_ids:
+                try:
+                    model(row.unsqueeze(0).to(device), use_cache=False)
+                except StopForward:
+                    pass
+        finally:
+            handle.remove()
     kwargs = {k: _to(v, device) for k, v in captured["kwargs"].items()}
     kwargs["use_cache"] = False
     return BlockInputs(torch.cat(captured["hidden"]).to(device), kwargs)
@@ -79,12 +79,41 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], ba
                       for start in range(0, hidden.shape[0], batch_size)])
 
 
-def iterate_blocks(model: nn.Module, family: ModelFamily, device: torch.device) -> Iterator[tuple[int, nn.Module]]:
-    """Yield (index, block) with the block on `device`; it goes back to the host afterwards."""
-    for index, block in enumerate(family.blocks(model)):
+@contextlib.contextmanager
+def block_on_device(model: nn.Module, family: ModelFamily, index: int, device: torch.device,
+                    write_back: bool = True) -> Iterator[nn.Module]:
+    """Block `index` on `device` for the duration. In memory it goes back where it was; in a lazy model it is
+    read from its store and given back (its changes written when `write_back`), so only it is in memory."""
+    block = family.blocks(model)[index]
+    store = block_store(model)
+    if store is None:
         home = next(block.parameters()).device
         block.to(device)
         try:
-            yield index, block
+            yield block
         finally:
             block.to(home)
+        return
+    store.load(index, block, device)
+    try:
+        yield block
+    finally:
+        store.offload(index, block, write_back)
+
+
+def iterate_blocks(model: nn.Module, family: ModelFamily, device: torch.device,
+                   write_back: bool = True) -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, block) with the block on `device`; it goes back afterwards (block_on_device). Passes
+    that only read the blocks (evaluation) say write_back=False, so that a lazy model's store is not rewritten."""
+    for index in range(len(family.blocks(model))):
+        with block_on_device(model, family, index, device, write_back) as block:
+            yield index, block
+
+
+def move_to(model: nn.Module, family: ModelFamily, device: torch.device | str) -> None:
+    """model.to(device), except that a lazy model's blocks stay with their store."""
+    if block_store(model) is None:
+        model.to(device)
+        return
+    for module in family.non_block_modules(model):
+        module.to(device)

@@ -53,6 +53,11 @@ class ModelConfig:
     revision: Optional[str] = None
     # keep only the first N decoder blocks (e.g. to show memory does not grow with depth); null = all
     num_layers: Optional[int] = None
+    # true: the blocks stay in the checkpoint's safetensors until processed, so host memory holds one block
+    # plus the embeddings and head (models/lazy.py); their working copies go to a temporary folder in
+    # scratch_dir (null: the system's temporary folder; it needs about the model's size on disk)
+    lazy: bool = False
+    scratch_dir: Optional[str] = None
 
 
 @dataclass

@@ -23,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from . import data
 from .config import enum_value, resolve_device
 from .errors import UserError
-from .evaluation.perplexity import perplexity, window_nlls
+from .blockwise import move_to
+from .evaluation.perplexity import perplexity, window_nlls, window_nlls_blockwise
 from .evaluation.zeroshot import data_sources as zeroshot_sources
 from .evaluation.zeroshot import evaluate_zeroshot
 from .methods import METHODS
 from .methods.base import MethodContext
+from .models.lazy import block_store
 from .models.loading import load_model
 from .records import MethodRecord, RunRecord, StageTimer, environment, git_commit, new_run_id, package_versions
 from .saving import MANIFEST, load_quantized_model, save_quantized_model
@@ -95,10 +97,15 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
     sources = rec.run.data["data_sources"]
     if "eval_ppl" in stages:
         with rec.stage("eval_ppl"):
-            nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
+            if block_store(model) is not None:   # a lazy model: its blocks stream from their store
+                nlls = window_nlls_blockwise(model, family, windows, device, cfg.eval.ppl.batch_size)
+            else:
+                nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
             rec.update(wikitext2_ppl=perplexity(nlls), wikitext2_windows=int(windows.shape[0]))
             log.info("%s wikitext2_ppl = %.6f (%d windows)", method_cfg.name, rec.metrics["wikitext2_ppl"],
                      windows.shape[0])
+    if {"eval_zeroshot", "eval_ppl_kernels"} & set(stages):
+        materialize(model, family, "zero-shot and the kernels' perplexity run the whole model")
     if "eval_zeroshot" in stages:
         zs = cfg.eval.zeroshot
         root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
@@ -110,7 +117,15 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
         with rec.stage("eval_ppl_kernels"):
             rec.update(**evaluate_with_kernels(model, family, windows, device, cfg.eval.ppl.batch_size,
                                                rec.metrics["wikitext2_ppl"]))
-    model.to("cpu")
+    move_to(model, family, "cpu")
+
+
+def materialize(model, family, why: str) -> None:
+    """A lazy model's blocks all into host memory (it stops being lazy), for a step that needs the whole model."""
+    store = block_store(model)
+    if store is not None:
+        log.info("%s: reading all %d blocks of the lazy model into host memory", why, len(family.blocks(model)))
+        store.materialize_all(model, family.blocks(model))
 
 
 def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig,
@@ -257,10 +272,13 @@ def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, D
     compare_to_run = {n: m for n, m in compare_methods.items() if plan.get(n) != "done"}
     seed_everything(cfg.seed)
     model = tokenizer = family = None
+    def load():
+        return load_model(cfg.model.path, enum_value(cfg.model.dtype), device, cfg.model.revision,
+                          cfg.model.num_layers, cfg.model.lazy, cfg.model.scratch_dir)
+
     if compare_to_run or main_source is None:
         with record.stage("load_model"):
-            model, tokenizer, family = load_model(cfg.model.path, enum_value(cfg.model.dtype), device,
-                                                  cfg.model.revision, cfg.model.num_layers)
+            model, tokenizer, family = load()
     quantized = None
     if main_source not in (None, "done"):
         with record.stage("load_quantized"):
@@ -277,11 +295,13 @@ def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, D
                                               cfg.eval.ppl.max_windows)
         log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
                  cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
-    # comparisons first, each on a fresh copy; the main method then consumes the loaded model
+    # comparisons first, each on a fresh copy (a lazy model is loaded again: its skeleton is cheap, and a copy
+    # would share its block store); the main method then consumes the loaded model
     for name, method_cfg in compare_to_run.items():
         log.info("comparison method: %s", name)
-        quantize_and_evaluate(copy.deepcopy(model), family, tokenizer, cfg, method_cfg, windows, device,
-                              record.method(name))
+        fresh = load()[0] if block_store(model) is not None else copy.deepcopy(model)
+        quantize_and_evaluate(fresh, family, tokenizer, cfg, method_cfg, windows, device, record.method(name))
+        del fresh
     if main_source == "done":
         return
     log.info("method: %s", cfg.method.name)
@@ -290,6 +310,7 @@ def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, D
         quantize(model, family, tokenizer, cfg, cfg.method, device, main)
         if cfg.save_quantized:
             with main.stage("save_quantized"):
+                materialize(model, family, "save_quantized writes the whole model")
                 folder = Path(cfg.results_dir) / "models" / record.data["run_id"]
                 save_quantized_model(model, tokenizer, folder, cfg.method, cfg.quant, cfg.model,
                                      info={"run_id": record.data["run_id"], "git_commit": record.data["git_commit"]})

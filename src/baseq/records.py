@@ -13,6 +13,7 @@ import platform
 import resource
 import secrets
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -70,8 +71,18 @@ def git_commit() -> str:
 
 
 def host_peak_memory_gb() -> float:
-    # ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident memory of this process in GiB. On Linux, /proc's VmHWM: ru_maxrss carries over the
+    parent's resident size through fork + exec, so a run started by a large process (a test, a notebook)
+    would report the parent's memory as its own."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20   # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20   # bytes on macOS, KiB elsewhere
 
 
 class StageTimer:

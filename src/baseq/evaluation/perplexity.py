@@ -23,5 +23,30 @@ def window_nlls(model, windows: torch.Tensor, device: torch.device, batch_size: 
     return torch.cat(nlls)
 
 
+@torch.no_grad()
+def window_nlls_blockwise(model, family, windows: torch.Tensor, device: torch.device,
+                          batch_size: int = 1) -> torch.Tensor:
+    """window_nlls computed one block at a time over all windows (as GPTQ's own evaluation does): only one
+    block and the windows' hidden states are on the device, and a lazy model's blocks stream from their
+    store. Same numbers as window_nlls up to the batching of the matmuls."""
+    from ..blockwise import block_forward, capture_block_inputs, iterate_blocks, move_to
+
+    inputs = capture_block_inputs(model, family, windows, device)
+    hidden = inputs.hidden
+    for _, block in tqdm(iterate_blocks(model, family, device, write_back=False), total=len(family.blocks(model)),
+                         desc="WikiText-2 ppl, block by block", unit="block"):
+        for start in range(0, hidden.shape[0], batch_size):   # in place: one copy of the hidden states
+            hidden[start:start + batch_size] = block_forward(block, hidden[start:start + batch_size], inputs.kwargs)
+    norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
+    nlls = []
+    for start in range(0, hidden.shape[0], batch_size):
+        ids = windows[start:start + batch_size].to(device)
+        logits = head(norm(hidden[start:start + batch_size]))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        nlls.append(loss.view(ids.shape[0], -1).mean(dim=1).double().cpu())
+    move_to(model, family, "cpu")
+    return torch.cat(nlls)
+
+
 def perplexity(nlls: torch.Tensor) -> float:
     return math.exp(nlls.mean().item())

@@ -104,15 +104,41 @@ def truncate_blocks(model, family, num_layers: int) -> None:
         model.config.layer_types = model.config.layer_types[:num_layers]
 
 
+def checkpoint_folder(resolved: str, dtype: torch.dtype, revision: str | None) -> Path:
+    """A local folder with the checkpoint's safetensors, for lazy loading: the folder itself, the hub snapshot
+    (downloaded once by huggingface_hub, weights as safetensors only), or a GGUF file's dequantized cache."""
+    if resolved.endswith(".gguf"):
+        cache = gguf_cache_dir(Path(resolved), dtype)
+        if not (cache / "config.json").is_file():
+            _load_gguf(Path(resolved), dtype)   # dequantizes once and writes the cache (the model is dropped)
+        if not (cache / "config.json").is_file():
+            raise UserError(f"model.lazy=true needs the dequantized copy of {resolved} in {cache}, which could not "
+                            f"be written; set BASEQ_CACHE to a writable folder or model.lazy=false")
+        return cache
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(resolved, revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+
+
 def load_model(path: str, dtype: str, device: torch.device, revision: str | None = None,
-               num_layers: int | None = None):
+               num_layers: int | None = None, lazy: bool = False, scratch_dir: str | None = None):
     """Returns (model on the host, tokenizer, family). The model stays on the host; each stage moves what
-    it needs to the device."""
+    it needs to the device. lazy: the blocks stay in the checkpoint until processed (models/lazy.py), their
+    working copies in a temporary folder under scratch_dir (default: the system's temporary folder)."""
     resolved = resolve_model_path(path)
     kwargs: dict = {"revision": revision} if revision else {}
     try:
         torch_dtype = choose_dtype(dtype, resolved, device, revision)
-        if resolved.endswith(".gguf"):
+        if lazy:
+            from .lazy import load_lazy
+
+            folder = checkpoint_folder(resolved, torch_dtype, revision)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model, _ = load_lazy(folder, torch_dtype, family_of, scratch_dir)
+        elif resolved.endswith(".gguf"):
             tokenizer, model = _load_gguf(Path(resolved), torch_dtype)
         else:
             tokenizer = AutoTokenizer.from_pretrained(resolved, **kwargs)
