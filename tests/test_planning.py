@@ -192,3 +192,12 @@ def test_a_record_of_an_unknown_model_is_refused_in_one_line():
     record["config"]["model"] = {"name": "local", "path": "/somewhere/else.gguf"}
     with pytest.raises(UserError, match="no shape known for the record's model 'local'"):
         planning.project_calibration_time(record, "rec", shape, facts())
+
+
+def test_zero_shot_reads_a_lazy_model_whole():
+    plan = planning.make_plan(["model=llama-2-7b", "model.lazy=true", "eval=full", "compare_with=[]"])
+    whole = plan["eval_phases"]["zeroshot"]["bytes"]
+    assert plan["host"]["lazy"]["bytes"] == whole   # every block read into host memory for lm-eval
+    assert plan["device_peak"]["lazy"]["bytes"] >= whole
+    plain = planning.make_plan(["model=llama-2-7b", "model.lazy=true", "eval=ppl", "compare_with=[]"])
+    assert plain["host"]["lazy"]["bytes"] < whole / 10 and plain["eval_phases"]["zeroshot"] is None

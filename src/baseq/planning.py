@@ -596,12 +596,17 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
     return phases
 
 
-def eval_phases(shape: ModelShape, facts: RunFacts, windows: int | None) -> dict[str, Phase | None]:
+def eval_phases(shape: ModelShape, facts: RunFacts, windows: int | None, zeroshot: bool) -> dict[str, Phase | None]:
     """{"eager": whole-model perplexity, "lazy": block-by-block perplexity (None: the window count is not
-    known)}; both None without a perplexity evaluation."""
-    if facts.eval_ppl is None:
-        return {"eager": None, "lazy": None}
+    known), "zeroshot": the zero-shot evaluation's weights}; None where the config has no such evaluation."""
     a, head_untied = facts.dtype_bytes, facts.rotates or not shape.tie_word_embeddings
+    # lm-eval runs the whole model on the device, a lazy one too (pipeline.materialize reads its blocks first);
+    # its batches are sized from the memory left free (evaluation/bounded_hflm.py), so only the weights count
+    zeroshot_phase = Phase("eval_zeroshot (whole model)", "evaluation.zeroshot.evaluate_zeroshot",
+                           [Term("eval_model_weights", eval_model_weights(shape, a, head_untied), facts.dtype)]) \
+        if zeroshot else None
+    if facts.eval_ppl is None:
+        return {"eager": None, "lazy": None, "zeroshot": zeroshot_phase}
     seqlen, batch = facts.eval_ppl["seqlen"], facts.eval_ppl.get("batch_size", 1)
     logits = Term("eval_logits", eval_logits(shape, a, batch, seqlen), f"{batch} x {seqlen} x {shape.vocab_size}")
     eager = Phase("eval_ppl (whole model)", "evaluation.perplexity.window_nlls",
@@ -613,13 +618,14 @@ def eval_phases(shape: ModelShape, facts: RunFacts, windows: int | None) -> dict
                       Term("block_weights", block_weights(shape, a), facts.dtype),
                       Term("eval_hidden_states", eval_hidden_states(shape, a, windows, seqlen),
                            f"{windows} windows"), logits])
-    return {"eager": eager, "lazy": lazy}
+    return {"eager": eager, "lazy": lazy, "zeroshot": zeroshot_phase}
 
 
 # --------------------------------------------------------------------------------------------- host
 
 
-def host_rows(shape: ModelShape, facts: RunFacts, compare_facts: list[RunFacts]) -> dict[str, list[Term]]:
+def host_rows(shape: ModelShape, facts: RunFacts, compare_facts: list[RunFacts],
+              whole_model_steps: list[str]) -> dict[str, list[Term]]:
     """Peak host memory, two ways of holding the model.
     eager (models.loading.load_model): the whole model in host RAM in the load dtype; a rotating method
       unties a tied head (one more vocab x hidden). pipeline._run_stages runs each comparison method
@@ -627,7 +633,8 @@ def host_rows(shape: ModelShape, facts: RunFacts, compare_facts: list[RunFacts])
     lazy (model.lazy=true, models.lazy): the skeleton plus the non-block tensors, and one block at a time,
       read from the checkpoint (or the scratch folder) into host memory on its way to the device and written
       back through a host copy. A comparison reloads the lazy model instead of copying it: one more set of
-      non-block tensors."""
+      non-block tensors. Zero-shot, the kernels' perplexity and save_quantized need the whole model:
+      pipeline.materialize reads every block into host memory first (whole_model_steps names them)."""
     a = facts.dtype_bytes
 
     def whole_model(rotates: bool) -> int:
@@ -650,6 +657,9 @@ def host_rows(shape: ModelShape, facts: RunFacts, compare_facts: list[RunFacts])
     if compare_facts:
         lazy.append(Term("compare_with_reload", non_block_weights(shape, a, not shape.tie_word_embeddings),
                          "the comparison's own lazy model"))
+    if whole_model_steps:
+        lazy.append(Term("all_blocks_materialized", (shape.num_hidden_layers - 1) * block_weights(shape, a),
+                         "pipeline.materialize for " + ", ".join(whole_model_steps)))
     return {"eager": eager, "lazy": lazy}
 
 
@@ -862,12 +872,16 @@ def make_plan(overrides: list[str], shape_options: dict | None = None, record_pa
     windows = eval_windows
     if windows is None and ppl is not None:
         windows = ppl.get("max_windows") or (shape.wikitext2_windows if ppl["seqlen"] == 2048 else None)
-    evaluation = eval_phases(shape, facts, windows)
-    device_peak = {
-        "eager": _peak(phases + [p for p in (evaluation["eager"],) if p is not None]),
-        "lazy": _peak(phases + [p for p in (evaluation["lazy"],) if p is not None]),
-    }
-    host = host_rows(shape, facts, compare_facts)
+    evaluation_cfg = cfg.get("eval") or {}
+    zeroshot = evaluation_cfg.get("zeroshot") is not None
+    evaluation = eval_phases(shape, facts, windows, zeroshot)
+    device_peak = {mode: _peak(phases + [p for p in (evaluation[mode], evaluation["zeroshot"]) if p is not None])
+                   for mode in ("eager", "lazy")}
+    # what pipeline.materialize reads a lazy model whole for
+    whole_model_steps = (["zero-shot"] if zeroshot else []) \
+        + (["the kernels' perplexity"] if evaluation_cfg.get("kernels") and ppl is not None
+           and facts.algorithm != "fp" else []) + (["save_quantized"] if cfg.get("save_quantized") else [])
+    host = host_rows(shape, facts, compare_facts, whole_model_steps)
     notes = []
     if ppl is not None and evaluation["lazy"] is None:
         notes.append("the block-by-block perplexity (lazy model) needs the number of WikiText-2 windows: pass "
@@ -875,8 +889,8 @@ def make_plan(overrides: list[str], shape_options: dict | None = None, record_pa
     if facts.device_type == "cpu":
         notes.append("device=cpu: the device phases run in host memory and add to the host rows")
     if (cfg.get("eval") or {}).get("zeroshot") is not None:
-        notes.append("zero-shot evaluation sizes its batches from the free device memory (evaluation/"
-                     "bounded_hflm.py): not planned")
+        notes.append("zero-shot evaluation sizes its batches from the device memory left free by the weights "
+                     "(evaluation/bounded_hflm.py): only its weights are planned")
     if str(cfg["model"].get("path", "")).endswith(".gguf"):
         notes.append("a GGUF file is dequantized while loading: the load itself may take more host memory")
     plan = {
