@@ -95,9 +95,10 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
     as it is measured. Stages the record already holds (carried over from a preempted run) are skipped."""
     stages = [s for s in evaluation_stages(cfg, method_cfg) if not rec.finished(s)]
     sources = rec.run.data["data_sources"]
+    lazy = block_store(model) is not None
     if "eval_ppl" in stages:
         with rec.stage("eval_ppl"):
-            if block_store(model) is not None:   # a lazy model: its blocks stream from their store
+            if lazy:   # its blocks stream from their store
                 nlls = window_nlls_blockwise(model, family, windows, device, cfg.eval.ppl.batch_size)
             else:
                 nlls = window_nlls(model, windows, device, cfg.eval.ppl.batch_size)
@@ -105,7 +106,8 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
             log.info("%s wikitext2_ppl = %.6f (%d windows)", method_cfg.name, rec.metrics["wikitext2_ppl"],
                      windows.shape[0])
     if {"eval_zeroshot", "eval_ppl_kernels"} & set(stages):
-        materialize(model, family, "zero-shot and the kernels' perplexity run the whole model")
+        # straight onto the device: a lazy model's host memory stays at one block
+        materialize(model, family, "zero-shot and the kernels' perplexity run the whole model", device)
     if "eval_zeroshot" in stages:
         zs = cfg.eval.zeroshot
         root = data.resolve_data_root(cfg.data_root)   # the same root as perplexity and calibration
@@ -117,15 +119,17 @@ def evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig, 
         with rec.stage("eval_ppl_kernels"):
             rec.update(**evaluate_with_kernels(model, family, windows, device, cfg.eval.ppl.batch_size,
                                                rec.metrics["wikitext2_ppl"]))
-    move_to(model, family, "cpu")
+    if not lazy:   # (a lazy model read onto the device stays there: its caller drops it)
+        move_to(model, family, "cpu")
 
 
-def materialize(model, family, why: str) -> None:
-    """A lazy model's blocks all into host memory (it stops being lazy), for a step that needs the whole model."""
+def materialize(model, family, why: str, device: torch.device | str = "cpu") -> None:
+    """A lazy model's blocks all onto `device` (it stops being lazy), for a step that needs the whole model."""
     store = block_store(model)
     if store is not None:
-        log.info("%s: reading all %d blocks of the lazy model into host memory", why, len(family.blocks(model)))
-        store.materialize_all(model, family.blocks(model))
+        log.info("%s: reading all %d blocks of the lazy model onto %s", why, len(family.blocks(model)), device)
+        store.materialize_all(model, family.blocks(model), torch.device(device))
+        move_to(model, family, device)
 
 
 def quantize_and_evaluate(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConfig,

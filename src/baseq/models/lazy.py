@@ -152,10 +152,10 @@ class BlockStore:
                 set_module_tensor_to_device(block, name, "cpu")
         release_freed_host_memory()
 
-    def materialize_all(self, model: nn.Module, blocks: nn.ModuleList) -> None:
-        """Every block into host memory, and the model no longer lazy (for steps that need the whole model)."""
+    def materialize_all(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+        """Every block onto `device`, and the model no longer lazy (for steps that need the whole model)."""
         for index, block in enumerate(blocks):
-            self.load(index, block, torch.device("cpu"))
+            self.load(index, block, device)
         _STORES.pop(model, None)
         self._cleanup()
 
