@@ -104,14 +104,12 @@ class BlockStore:
     is first written back, then `scratch/block_<index>.safetensors`. Tensors a block has gained since (the
     quantizers' clips, biases, weight scales) are kept in memory with the block whenever they are real."""
 
-    def __init__(self, files: dict[str, Path], prefix: str, num_blocks: int, dtype: torch.dtype,
-                 scratch_root: str | Path | None = None):
+    def __init__(self, files: dict[str, Path], prefix: str, dtype: torch.dtype, scratch_root: str | Path | None = None):
         self.files = files
         self.prefix = prefix
         self.dtype = dtype
         self.scratch = Path(tempfile.mkdtemp(prefix="baseq-blocks-", dir=scratch_root))
         self.written: dict[int, set[str]] = {}   # block index -> the names in its scratch file
-        self.num_blocks = num_blocks
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.scratch, True)
 
     def _scratch_file(self, index: int) -> Path:
@@ -186,6 +184,6 @@ def load_lazy(folder: Path, dtype: torch.dtype, family_of, scratch_root: str | P
         raise UserError(f"model.lazy=true: the checkpoint in {folder} has no tensor for {unread[0]}; "
                         f"set model.lazy=false")
     blocks = family.blocks(model)
-    _STORES[model] = BlockStore(files, family.layers, len(blocks), dtype, scratch_root)
+    _STORES[model] = BlockStore(files, family.layers, dtype, scratch_root)
     log.info("lazy model: %d blocks stay on disk until processed (scratch %s)", len(blocks), _STORES[model].scratch)
     return model, family
