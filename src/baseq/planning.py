@@ -431,19 +431,17 @@ def baseq_calibration_activations(moment: str, dtype_bytes: int, n: int, n_train
     the block loop, from the second block on (the first has no previous block's outputs). moment: "stage"
     (training steps, and the passes inside the stages), "gptq", or "loop pass" (the passes of the loop
     itself: y_fp at its top, the final MSE and y_q at its end).
-    The BlockInputs that capture_block_inputs returned (`inputs`) keeps the first block's inputs alive. The
-    loop keeps x_fp and x_q (the fp and quantized models' block inputs) in the load dtype, the fp block's
+    The loop keeps x_fp and x_q (the fp and quantized models' block inputs) in the load dtype, the fp block's
     outputs y_fp in fp32 and, until the next block overwrites it, y_q (fp32). With a 16-bit model
     `(...)[train].float()` makes fp32 copies: train_x for training, a second one handed to GPTQ, and the
     loop's passes copy their input to fp32 (x_fp.float(), x_q.float()). With an fp32 model all of these are
     views, and y_fp/y_q become the next x_fp/x_q without a copy; the previous x_q then lives on in train_x
     until it is reassigned."""
     full, train = n * seqlen * hidden, n_train * seqlen * hidden
-    captured = Term("block 0 inputs (kept by `inputs`)", dtype_bytes * full)
     if dtype_bytes == FP32:
         third = "y_fp" if moment != "loop pass" else "y_fp, or the previous x_q (train_x)"
-        return [captured, Term("x_fp", FP32 * full), Term("x_q", FP32 * full), Term(third, FP32 * full)]
-    live = [captured, Term("x_fp (load dtype)", dtype_bytes * full), Term("x_q (load dtype)", dtype_bytes * full),
+        return [Term("x_fp", FP32 * full), Term("x_q", FP32 * full), Term(third, FP32 * full)]
+    live = [Term("x_fp (load dtype)", dtype_bytes * full), Term("x_q (load dtype)", dtype_bytes * full),
             Term("y_fp (fp32)", FP32 * full), Term("y_q of the previous block (fp32)", FP32 * full),
             Term("train_x (fp32 copy)", FP32 * train)]
     if moment == "gptq":
@@ -537,9 +535,8 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
         captured = n_gptq * seqlen * d * a
         batch = facts.calib.get("batch_size", 1)
         block = Term("block_weights", block_weights(shape, a), facts.dtype)
-        # quantize_weights_gptq's `inputs` keeps block 0's inputs next to the current `hidden`
-        resident = [non_block, block, Term("calibration_activations", 2 * captured,
-                                           "block 0 inputs (kept by `inputs`), hidden (load dtype)")]
+        # quantize_weights_gptq's `hidden`; the next block's inputs are counted by the passes
+        resident = [non_block, block, Term("calibration_activations", captured, "hidden (load dtype)")]
         workspace = Term("forward_micro_batch_workspace", forward_micro_batch_workspace(shape, batch, seqlen, a),
                          f"{batch} x {seqlen} tokens, {facts.dtype}")
         phases.append(Phase("capture", "blockwise.capture_block_inputs",

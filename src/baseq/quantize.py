@@ -183,9 +183,10 @@ def quantize_weights_gptq(model: nn.Module, family: ModelFamily, calib_ids: torc
         return
     with activation_quantization_disabled(model):
         inputs = capture_block_inputs(model, family, calib_ids, device)
-        hidden = inputs.hidden
+        hidden, kwargs = inputs.hidden, inputs.kwargs
+        del inputs   # else block 0's inputs would stay on the device next to every later block's
         for _, block in tqdm(iterate_blocks(model, family, device), total=len(family.blocks(model)),
                              desc="GPTQ", unit="block"):
-            gptq_block(block, family, hidden, inputs.kwargs, bits, clip_search, block_size, damp, act_order,
+            gptq_block(block, family, hidden, kwargs, bits, clip_search, block_size, damp, act_order,
                        batch_size, normalize_tokens)
-            hidden = run_block(block, hidden, inputs.kwargs, batch_size)
+            hidden = run_block(block, hidden, kwargs, batch_size)

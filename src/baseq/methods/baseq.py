@@ -185,6 +185,7 @@ def quantize(model, family, ctx) -> None:
 
     inputs = capture_block_inputs(model, family, ctx.calibration, device)
     x_fp, x_q, kwargs = inputs.hidden, inputs.hidden.clone(), inputs.kwargs
+    del inputs   # else block 0's inputs would stay on the device for the whole loop, once x_fp moves on
     n_train = x_fp.shape[0] - m.heldout_samples
     train, held = slice(0, n_train), slice(n_train, None)
     report = ctx.report.setdefault("blocks", [])
