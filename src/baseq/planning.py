@@ -22,7 +22,10 @@ Qwen2.5-Coder-0.5B (GGUF, fp32) BASE-Q, full protocol, 7.84 vs 7.88 (its session
 method.train_step=eager 8.59 vs 8.54), QuaRot quantize 4.57 vs 4.73, perplexity 4.67 vs 4.75; SmolLM2-135M
 BASE-Q 4.38 vs 4.57, QuaRot 2.47 vs 2.53; phase by phase on Qwen2.5-0.5B's shape with 16 windows
 (experiments/planning_probe.py) within 0.2 GiB, GPTQ 3.93 vs 3.97. Not measured: larger shapes, 16-bit
-models under BASE-Q, host memory. Time: a linear FLOP scaling of a measured block; on the same shape it
+models under BASE-Q, host memory. Those checks ran the code before BASE-Q and QuaRot's GPTQ dropped their
+reference to block 0's inputs (one [nsamples, seqlen, hidden] tensor in the load dtype less from the second
+block on: 0.94 GiB for Qwen2.5-0.5B in fp32); the terms follow the new code, which no GPU has measured yet.
+Time: a linear FLOP scaling of a measured block; on the same shape it
 matched stage 2 and the block passes, while stage 1 and GPTQ carry fixed per-block costs it scales too.
 """
 
