@@ -276,6 +276,7 @@ def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, D
     compare_to_run = {n: m for n, m in compare_methods.items() if plan.get(n) != "done"}
     seed_everything(cfg.seed)
     model = tokenizer = family = None
+
     def load():
         return load_model(cfg.model.path, enum_value(cfg.model.dtype), device, cfg.model.revision,
                           cfg.model.num_layers, cfg.model.lazy, cfg.model.scratch_dir)
@@ -299,8 +300,8 @@ def _run_stages(record: RunRecord, cfg: DictConfig, compare_methods: dict[str, D
                                               cfg.eval.ppl.max_windows)
         log.info("protocol %s: calibration %d x %d tokens, %d evaluation windows of %d tokens", cfg.protocol,
                  cfg.calib.nsamples, cfg.calib.seqlen, windows.shape[0], cfg.eval.ppl.seqlen)
-    # comparisons first, each on a fresh copy (a lazy model is loaded again: its skeleton is cheap, and a copy
-    # would share its block store); the main method then consumes the loaded model
+    # comparisons first, each on a fresh copy (a lazy model is loaded again: its skeleton is cheap, and a deep
+    # copy would hold meta blocks with no store behind them); the main method then consumes the loaded model
     for name, method_cfg in compare_to_run.items():
         log.info("comparison method: %s", name)
         fresh = load()[0] if block_store(model) is not None else copy.deepcopy(model)

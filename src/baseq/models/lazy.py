@@ -7,8 +7,9 @@ checkpoint until the block is first processed, afterwards in one safetensors fil
 folder. `blockwise.block_on_device` asks the store for a block, and gives it back (written or not) when the
 step is done, so host memory holds one block plus the non-block tensors, never the model.
 
-The store is found from the model through `block_store(model)` (a weak registry, not an attribute: a copy of a
-lazy model would share one scratch folder, so a lazy model is reloaded rather than copied).
+The store is found from the model through `block_store(model)`, a weak registry rather than an attribute, so
+that a deep copy does not silently share one scratch folder with the original (a lazy model is reloaded
+instead of copied).
 """
 
 from __future__ import annotations
