@@ -180,3 +180,31 @@ def test_gptq_block_stops_each_pass_at_the_group_input_and_gets_the_full_pass_he
             set_quantized_weight(lin, q, scale, 4)
     for (name, ours), (_, theirs) in zip(block.named_parameters(), reference.named_parameters()):
         assert torch.equal(ours, theirs), name
+
+
+def test_16bit_calibration_inputs_are_cast_a_micro_batch_at_a_time_with_the_numbers_of_a_full_fp32_copy():
+    """BASE-Q keeps a 16-bit model's calibration activations in 16 bits and its block in fp32: run_block and
+    gptq_block cast each micro-batch, which must give exactly what casting all inputs up front gives."""
+    import copy
+
+    from baseq.blockwise import capture_block_inputs, run_block
+    from baseq.methods.quarot import apply_rotations
+    from baseq.models.families import family_of
+    from baseq.quantize import attach_quantizers, gptq_block
+    from conftest import tiny_llama
+
+    model = tiny_llama(hidden=64, ffn=192, heads=4, kv_heads=2, layers=1, dtype=torch.bfloat16)
+    family = family_of(model)
+    attach_quantizers(model, family, 16, 16, 1.0, 1.0)
+    apply_rotations(model, family, torch.device("cpu"), seed=0)
+    inputs = capture_block_inputs(model, family, torch.randint(0, 256, (3, 24)), torch.device("cpu"))
+    assert inputs.hidden.dtype == torch.bfloat16
+    block = family.blocks(model)[0].float()
+    up_front = inputs.hidden.float()
+    assert torch.equal(run_block(block, inputs.hidden, inputs.kwargs, 2, torch.float32),
+                       run_block(block, up_front, inputs.kwargs, 2))
+    reference = copy.deepcopy(block)
+    gptq_block(block, family, inputs.hidden, inputs.kwargs, bits=4, clip_search="none", batch_size=2)
+    gptq_block(reference, family, up_front, inputs.kwargs, bits=4, clip_search="none", batch_size=2)
+    for (name, ours), (_, theirs) in zip(block.named_parameters(), reference.named_parameters()):
+        assert torch.equal(ours, theirs), name

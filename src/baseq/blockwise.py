@@ -73,9 +73,11 @@ def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 1) -> torch.Tensor:
-    """Block outputs for every sample of `hidden` [n, seq, d], in micro-batches."""
-    return torch.cat([block_forward(block, hidden[start:start + batch_size], kwargs)
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int = 1,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Block outputs for every sample of `hidden` [n, seq, d], in micro-batches, each cast to `dtype` when given
+    (so that 16-bit calibration activations feed an fp32 block without an fp32 copy of all of them)."""
+    return torch.cat([block_forward(block, hidden[start:start + batch_size].to(dtype or hidden.dtype), kwargs)
                       for start in range(0, hidden.shape[0], batch_size)])
 
 

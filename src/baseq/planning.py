@@ -435,22 +435,18 @@ def baseq_calibration_activations(moment: str, dtype_bytes: int, n: int, n_train
     (training steps, and the passes inside the stages), "gptq", or "loop pass" (the passes of the loop
     itself: y_fp at its top, the final MSE and y_q at its end).
     The loop keeps x_fp and x_q (the fp and quantized models' block inputs) in the load dtype, the fp block's
-    outputs y_fp in fp32 and, until the next block overwrites it, y_q (fp32). With a 16-bit model
-    `(...)[train].float()` makes fp32 copies: train_x for training, a second one handed to GPTQ, and the
-    loop's passes copy their input to fp32 (x_fp.float(), x_q.float()). With an fp32 model all of these are
-    views, and y_fp/y_q become the next x_fp/x_q without a copy; the previous x_q then lives on in train_x
-    until it is reassigned."""
-    full, train = n * seqlen * hidden, n_train * seqlen * hidden
+    outputs y_fp in fp32 and, until the next block overwrites it, y_q (fp32). Training, GPTQ and the passes
+    read x_fp/x_q themselves and cast a micro-batch at a time to the fp32 block, so no fp32 copy of the inputs
+    exists; train_x is a view, which keeps the previous x_q alive through the next block's first pass. With an
+    fp32 model y_fp/y_q become the next x_fp/x_q without a copy."""
+    full = n * seqlen * hidden
     if dtype_bytes == FP32:
         third = "y_fp" if moment != "loop pass" else "y_fp, or the previous x_q (train_x)"
         return [Term("x_fp", FP32 * full), Term("x_q", FP32 * full), Term(third, FP32 * full)]
     live = [Term("x_fp (load dtype)", dtype_bytes * full), Term("x_q (load dtype)", dtype_bytes * full),
-            Term("y_fp (fp32)", FP32 * full), Term("y_q of the previous block (fp32)", FP32 * full),
-            Term("train_x (fp32 copy)", FP32 * train)]
-    if moment == "gptq":
-        live.append(Term("GPTQ inputs (second fp32 copy)", FP32 * train))
+            Term("y_fp (fp32)", FP32 * full), Term("y_q of the previous block (fp32)", FP32 * full)]
     if moment == "loop pass":
-        live.append(Term("the pass's input (fp32 copy)", FP32 * full))
+        live.append(Term("the previous x_q (train_x, load dtype)", dtype_bytes * full))
     return live
 
 

@@ -151,7 +151,9 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
                clip_search: str, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
                batch_size: int = 1, normalize_tokens: bool = False) -> None:
     """GPTQ every linear of one block, group by group (qkv, o, gate/up, down), so each Hessian is measured
-    on inputs produced by the already-quantized groups. `hidden` holds the block's calibration inputs."""
+    on inputs produced by the already-quantized groups. `hidden` holds the block's calibration inputs; each
+    micro-batch is cast to the block's dtype."""
+    dtype = next(block.parameters()).dtype
     for group in family.sequential_groups():
         linears = [block.get_submodule(name) for name in group]
         # the linears of a group read one tensor through one shared quantizer: one Hessian serves them all.
@@ -165,7 +167,7 @@ def gptq_block(block: nn.Module, family: ModelFamily, hidden: torch.Tensor, bloc
         with each_quantizer_input([linears[0].act_quantizer], observe):
             for start in range(0, hidden.shape[0], batch_size):
                 try:
-                    block_forward(block, hidden[start:start + batch_size], block_kwargs)
+                    block_forward(block, hidden[start:start + batch_size].to(dtype), block_kwargs)
                 except StopForward:
                     pass
         for lin in linears:

@@ -173,4 +173,4 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> float:
 @torch.no_grad()
 def block_mse(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
               batch_size: int = 1) -> float:
-    return mse(run_block(block, inputs.float(), block_kwargs, batch_size), targets)
+    return mse(run_block(block, inputs, block_kwargs, batch_size, torch.float32), targets)

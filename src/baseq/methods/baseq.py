@@ -58,7 +58,7 @@ def input_channel_means(block: nn.Module, quantizers: list[nn.Module], hidden: t
         counts[module] = counts.get(module, 0) + n
 
     with each_quantizer_input(quantizers, accumulate), activation_quantization_disabled(block):
-        run_block(block, hidden, block_kwargs, batch_size)
+        run_block(block, hidden, block_kwargs, batch_size, torch.float32)
     return {q: (sums[q] / counts[q]).float() for q in quantizers}
 
 
@@ -194,9 +194,10 @@ def quantize(model, family, ctx) -> None:
     blocks = family.blocks(model)
     for index, block in tqdm(iterate_blocks(model, family, device), total=len(blocks), desc="BASE-Q", unit="block"):
         block.float()
+        # x_fp and x_q stay in the load dtype: every consumer casts a micro-batch at a time to the fp32 block
         with activation_quantization_disabled(block), torch.no_grad():
-            y_fp = run_block(block, x_fp.float(), kwargs, bs)
-        train_x = (x_fp if train_inputs == "fp" else x_q)[train].float()
+            y_fp = run_block(block, x_fp, kwargs, bs, torch.float32)
+        train_x = (x_fp if train_inputs == "fp" else x_q)[train]
         entry = {"block": index}
 
         start = time.perf_counter()
@@ -206,7 +207,7 @@ def quantize(model, family, ctx) -> None:
         seconds["stage1"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train].float(), kwargs)
+        quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train], kwargs)
         seconds["gptq"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -224,7 +225,7 @@ def quantize(model, family, ctx) -> None:
             entry["heldout_mse_fp_inputs"] = block_mse(block, x_fp[held], y_fp[held], kwargs, bs)
         # the quantized model's next inputs; their error is the block's MSE on the quantized inputs
         with torch.no_grad():
-            y_q = run_block(block, x_q.float(), kwargs, bs)
+            y_q = run_block(block, x_q, kwargs, bs, torch.float32)
         entry["final_mse_quantized_inputs"] = mse(y_q[train], y_fp[train])
         if m.heldout_samples:
             entry["heldout_mse_quantized_inputs"] = mse(y_q[held], y_fp[held])
