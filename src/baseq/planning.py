@@ -428,8 +428,7 @@ def eval_hidden_states(shape: ModelShape, dtype_bytes: int, windows: int, seqlen
     return windows * seqlen * shape.hidden_size * dtype_bytes
 
 
-def baseq_calibration_activations(moment: str, dtype_bytes: int, n: int, n_train: int, seqlen: int,
-                                  hidden: int) -> list[Term]:
+def baseq_calibration_activations(moment: str, dtype_bytes: int, n: int, seqlen: int, hidden: int) -> list[Term]:
     """The [nsamples, seqlen, hidden] tensors of methods.baseq.quantize that stay alive through a moment of
     the block loop, from the second block on (the first has no previous block's outputs). moment: "stage"
     (training steps, and the passes inside the stages), "gptq", or "loop pass" (the passes of the loop
@@ -555,9 +554,9 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
     forward = Term("forward_micro_batch_workspace", forward_micro_batch_workspace(shape, batch, seqlen, FP32),
                    f"{batch} x {seqlen} tokens, fp32")
     stage_resident = [non_block, block,
-                      _activation_term(baseq_calibration_activations("stage", a, n, n_train, seqlen, d))]
+                      _activation_term(baseq_calibration_activations("stage", a, n, seqlen, d))]
     loop_resident = [non_block, block,
-                     _activation_term(baseq_calibration_activations("loop pass", a, n, n_train, seqlen, d))]
+                     _activation_term(baseq_calibration_activations("loop pass", a, n, seqlen, d))]
     phases.append(Phase("capture", "blockwise.capture_block_inputs",
                         [non_block, Term("calibration_activations", 2 * n * seqlen * d * a,
                                          "captured rows and their concatenation (load dtype)")]))
@@ -582,7 +581,7 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
             terms.append(Term("stage1_weight_workspace", stage1_weight_workspace(shape, m), "fp32"))
         phases.append(Phase(label, f"methods.baseq.train_{stage} -> training.train_block", terms))
     gptq_resident = [non_block, block,
-                     _activation_term(baseq_calibration_activations("gptq", a, n, n_train, seqlen, d))]
+                     _activation_term(baseq_calibration_activations("gptq", a, n, seqlen, d))]
     if weights == "gptq":
         phases += _gptq_phases(gptq_resident, shape, clip_search, forward, batch, seqlen)
     else:
