@@ -30,19 +30,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from baseq import data  # noqa: E402
 from baseq.model_shapes import MODEL_SHAPES  # noqa: E402
-
-
-def train_tokenizer(text: str, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def write_random_checkpoint(folder: Path, shape: dict, layers: int, tokenizer, seed: int = 0) -> int:
@@ -129,11 +118,9 @@ def main() -> None:
                        ("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads)):
         if value is not None:
             shape[key] = value
-    from baseq import data
-
     root = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("data_root=")), None)
     text, _ = data.wikitext2_text("train", root)
-    tokenizer = train_tokenizer(text, args.vocab or shape["vocab_size"])
+    tokenizer = data.train_bpe_tokenizer(text, args.vocab or shape["vocab_size"])
     report = {"command": shlex.join([sys.executable, *sys.argv]),
               "date": datetime.now(timezone.utc).isoformat(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

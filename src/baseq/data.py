@@ -95,3 +95,17 @@ def calibration_samples(token_ids: torch.Tensor, nsamples: int, seqlen: int, see
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seqlen - 1, (nsamples,), generator=gen)
     return torch.stack([token_ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def train_bpe_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE trained on `text` (a second or so for a small vocabulary): random-weight models (tests,
+    scale benchmarks) get a real tokenizer without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+def mean_next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each window's mean NLL of its next tokens (float64 on the host), from logits [b, seq, vocab]."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return loss.view(ids.shape[0], -1).mean(dim=1).double().cpu()
+
+
 @torch.no_grad()
 def window_nlls(model, windows: torch.Tensor, device: torch.device, batch_size: int = 1) -> torch.Tensor:
     """Mean next-token NLL of every window [n, seqlen] (float64 on the host)."""
@@ -17,9 +23,7 @@ def window_nlls(model, windows: torch.Tensor, device: torch.device, batch_size: 
     nlls = []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="WikiText-2 ppl", unit="batch"):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-        nlls.append(loss.view(ids.shape[0], -1).mean(dim=1).double().cpu())
+        nlls.append(mean_next_token_nll(model(ids, use_cache=False).logits, ids))
     return torch.cat(nlls)
 
 
@@ -41,9 +45,7 @@ def window_nlls_blockwise(model, family, windows: torch.Tensor, device: torch.de
     nlls = []
     for start in range(0, hidden.shape[0], batch_size):
         ids = windows[start:start + batch_size].to(device)
-        logits = head(norm(hidden[start:start + batch_size]))
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-        nlls.append(loss.view(ids.shape[0], -1).mean(dim=1).double().cpu())
+        nlls.append(mean_next_token_nll(head(norm(hidden[start:start + batch_size])), ids))
     move_to(model, family, "cpu")
     return torch.cat(nlls)
 

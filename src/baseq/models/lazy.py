@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import UserError
+from .families import family_of
 
 log = logging.getLogger("baseq")
 
@@ -159,8 +160,8 @@ class BlockStore:
         self._cleanup()
 
 
-def load_lazy(folder: Path, dtype: torch.dtype, family_of, scratch_root: str | Path | None = None):
-    """(model with meta blocks, family): the non-block tensors read from `folder`'s safetensors, the blocks
+def load_lazy(folder: Path, dtype: torch.dtype, scratch_root: str | Path | None = None) -> nn.Module:
+    """The model with meta blocks: the non-block tensors read from `folder`'s safetensors, the blocks
     registered with a BlockStore."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,7 +185,7 @@ def load_lazy(folder: Path, dtype: torch.dtype, family_of, scratch_root: str | P
     if unread:
         raise UserError(f"model.lazy=true: the checkpoint in {folder} has no tensor for {unread[0]}; "
                         f"set model.lazy=false")
-    blocks = family.blocks(model)
     _STORES[model] = BlockStore(files, family.layers, dtype, scratch_root)
-    log.info("lazy model: %d blocks stay on disk until processed (scratch %s)", len(blocks), _STORES[model].scratch)
-    return model, family
+    log.info("lazy model: %d blocks stay on disk until processed (scratch %s)", len(family.blocks(model)),
+             _STORES[model].scratch)
+    return model

@@ -137,7 +137,7 @@ def load_model(path: str, dtype: str, device: torch.device, revision: str | None
 
             folder = checkpoint_folder(resolved, torch_dtype, revision)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            model, _ = load_lazy(folder, torch_dtype, family_of, scratch_dir)
+            model = load_lazy(folder, torch_dtype, scratch_dir)
         elif resolved.endswith(".gguf"):
             tokenizer, model = _load_gguf(Path(resolved), torch_dtype)
         else:
