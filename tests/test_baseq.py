@@ -48,12 +48,12 @@ def test_paired_scales_and_learned_rv_leave_the_fp_model_unchanged(make, o_proj_
             for p in t.rotation_parameters():
                 p.normal_(0, 0.5)
         transforms.append(t)
-    v_weight = family.blocks(model)[0].self_attn.v_proj.weight.clone()
+    v_weight = family.blocks(model)[0].self_attn.v_proj.transformed_weight().detach().clone()
     torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
     for t in transforms:
         t.fuse()
     block = family.blocks(model)[0]
-    assert not hasattr(block.self_attn.v_proj, "parametrizations")
+    assert block.self_attn.v_proj.weight_transform is None and block.self_attn.o_proj.weight_transform is None
     assert torch.equal(block.self_attn.v_proj.weight, v_weight)  # fusing keeps the trained values
     torch.testing.assert_close(logits(model, ids), reference, rtol=1e-5, atol=1e-5)
 
@@ -195,9 +195,9 @@ def test_compiled_training_step_gives_the_eager_numbers_and_reuses_its_graphs():
     for e, c in zip(eager["blocks"], compiled["blocks"]):
         for key in ("stage1_loss", "stage2_loss", "final_mse_quantized_inputs"):
             torch.testing.assert_close(torch.tensor(c[key]), torch.tensor(e[key]), rtol=0.1, atol=0)
-    # stage 2's graph serves both blocks; stage 1 is traced again for block 1 (its parametrized layers have
-    # a class of their own); nothing falls back to eager
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # one graph for stage 1 and one for stage 2 serve both blocks (no block is traced again); nothing falls back
+    # to eager
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
@@ -247,8 +247,27 @@ def test_compiled_step_under_autocast_gives_the_eager_numbers(precision):
     _, _, eager = run_baseq(train_precision=precision, train_step="eager")
     _, _, compiled = run_baseq(train_precision=precision, train_step="compiled")
     # 16-bit rounding happens at other points in fused kernels: fp16's first stage-2 loss differed by 2.7% on
-    # one CPU (torch 2.13), under 2% on another
+    # one CPU (torch 2.13), under 2% on another; bf16 (8 mantissa bits) by 6% once R_v stayed in fp32 under
+    # autocast (it was a bf16 matmul with the identity inside torch's orthogonal parametrization)
     for key in ("stage1_loss", "stage2_loss"):
-        assert compiled["blocks"][0][key][0] == pytest.approx(eager["blocks"][0][key][0], rel=5e-2)
+        assert compiled["blocks"][0][key][0] == pytest.approx(eager["blocks"][0][key][0], rel=0.1)
     for e, c in zip(eager["blocks"], compiled["blocks"]):
         torch.testing.assert_close(torch.tensor(c["stage2_loss"]), torch.tensor(e["stage2_loss"]), rtol=0.2, atol=0)
+
+
+def test_tf32_training_runs_its_steps_at_high_matmul_precision_and_restores_it():
+    from baseq.training import ParamGroup, train_block
+
+    scale = torch.nn.Parameter(torch.ones(8))
+    seen = []
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, **_):
+            seen.append(torch.get_float32_matmul_precision())
+            return x * scale
+
+    before = torch.get_float32_matmul_precision()
+    for precision in ("tf32", "fp32"):
+        train_block(Scaled(), torch.randn(2, 3, 8), torch.zeros(2, 3, 8), {}, [ParamGroup("scale", [scale], 1e-2)],
+                    epochs=1, batch_size=1, label="x", seed=0, precision=precision)
+    assert seen == ["high", "high", "highest", "highest"] and torch.get_float32_matmul_precision() == before

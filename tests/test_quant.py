@@ -208,3 +208,38 @@ def test_16bit_calibration_inputs_are_cast_a_micro_batch_at_a_time_with_the_numb
     gptq_block(reference, family, up_front, inputs.kwargs, bits=4, clip_search="none", batch_size=2)
     for (name, ours), (_, theirs) in zip(block.named_parameters(), reference.named_parameters()):
         assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_inference_quantizers_are_the_eager_ones_compiled_with_the_same_numbers(dtype):
+    # On a GPU with autograd off the quantizers run compiled (quant.fused_inference; CUDA only by default, forced
+    # onto the CPU here). Same code, same numbers: every value bit-identical, for each kind of quantizer.
+    from torch._dynamo.utils import counters
+
+    from baseq.quant import fused_inference
+
+    torch.manual_seed(0)
+    baseq_style = ActivationQuantizer(64, 4, 0.9, learn_clip=True)
+    baseq_style.add_bias(torch.randn(64))
+    baseq_style.add_scale()
+    with torch.no_grad():
+        baseq_style.scale.uniform_(0.5, 1.5)
+    quarot_style = ActivationQuantizer(64, 4, 0.9)
+    kv = KVQuantizer(4, 0.95, learn_clip=True, heads=2)
+    kv.add_bias(torch.randn(2, 16))
+    x, xk = (torch.randn(3, 17, 64) * 3).to(dtype), torch.randn(3, 2, 17, 16).to(dtype)
+    with torch.no_grad():
+        eager = [baseq_style(x), quarot_style(x), kv(xk)]
+        torch._dynamo.reset()
+        counters.clear()
+        with fused_inference(True, ("cpu",)):
+            fused = [baseq_style(x), quarot_style(x), kv(xk), quarot_style(x[:1, :5])]
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])   # the compiled path did run
+    for a, b in zip(eager + [eager[1][:1, :5]], fused):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    # with autograd on, the eager path (compiled training traces it into its own graph)
+    counters.clear()
+    with fused_inference(True, ("cpu",)):
+        out = baseq_style(x.float())
+    out.sum().backward()
+    assert baseq_style.bias.grad is not None and not counters["stats"]["unique_graphs"]

@@ -121,6 +121,7 @@ class TrainStep(Enum):
 
 class TrainPrecision(Enum):
     fp32 = "fp32"                    # the block and every step in float32
+    tf32 = "tf32"                    # float32 tensors, the matmuls on TF32 tensor cores (a GPU's; fp32 on a CPU)
     fp16_autocast = "fp16_autocast"  # fp16 autocast, the block kept in fp32, GradScaler (the authors' code)
     bf16_autocast = "bf16_autocast"  # bf16 autocast, the block kept in fp32 (no scaler needed)
 
@@ -255,6 +256,9 @@ class RunConfig:
     save_quantized: bool = False
     # evaluate the quantized model saved in this folder instead of quantizing (null: quantize)
     load_quantized: Optional[str] = None
+    # where autograd is off on a GPU, the fake quantizers run compiled (quant.fused_inference): the same code
+    # and numbers, one or two kernels a call instead of about twenty; false: eager everywhere
+    fused_quantizers: bool = True
 
 
 def resolve_device(device: Device | str):

@@ -1,21 +1,19 @@
-"""Learnable equivalence transforms between pairs of linears (BASE-Q's paired scales and learned R_v), as
-torch parametrizations: while training, the weights are computed from the frozen originals and the
-transform's parameters; `fuse_block_transforms` then bakes them into the weights (float64) and removes
-the parametrizations, leaving plain tensors.
+"""Learnable equivalence transforms between pairs of linears (BASE-Q's paired scales and learned R_v). While
+training, each transformed QuantLinear computes its weight from the frozen original and the transform's
+parameters (QuantLinear.weight_transform / bias_transform); `BlockTransforms.fuse` then bakes them into the
+weights (float64) and removes them, leaving plain tensors.
 
 Both transforms are exact: the full-precision block computes the same function for any parameter value.
   v -> o:     v' = (v R) / s per KV head (R orthogonal, s > 0), o absorbs R^T and s per query head.
   up -> down: u' = u / s, and down absorbs s.
 A reader with an online input rotation Q (down's R4, an o_proj Hadamard) absorbs the transform M in the
-basis before Q: W <- W Q^T M Q.
+basis before Q: W <- W Q^T M Q (QuantLinear.transformed_weight).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import orthogonal
 
 from .models.families import ModelFamily
 from .modules import QuantLinear
@@ -33,18 +31,20 @@ class PositiveScale(nn.Module):
 
 
 class HeadRotations(nn.Module):
-    """One orthogonal head_dim x head_dim matrix per KV head (or one shared), through torch's orthogonal
-    parametrization with the Cayley map. It starts at the identity: it acts on top of the Hadamard R2
-    already fused into v/o, so the learned R_v = H C(A) starts at the Hadamard, as BASE-Q specifies."""
+    """One orthogonal head_dim x head_dim matrix per KV head (or one shared): the Cayley map of a skew-symmetric
+    A built from the generator's lower triangle, R = (I - A/2)^-1 (I + A/2), the map of torch's orthogonal
+    parametrization (orthogonal_map="cayley"). It starts at the identity (generator 0): it acts on top of the
+    Hadamard R2 already fused into v/o, so the learned R_v = H C(A) starts at the Hadamard, as BASE-Q specifies."""
 
     def __init__(self, count: int, head_dim: int):
         super().__init__()
-        self.holder = nn.Module()
-        self.holder.weight = nn.Parameter(torch.eye(head_dim).repeat(count, 1, 1))
-        orthogonal(self.holder, "weight", orthogonal_map="cayley")
+        self.generator = nn.Parameter(torch.zeros(count, head_dim, head_dim))
 
     def forward(self) -> torch.Tensor:
-        return self.holder.weight
+        lower = self.generator.tril()
+        skew = lower - lower.mT
+        eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+        return torch.linalg.solve(torch.add(eye, skew, alpha=-0.5), torch.add(eye, skew, alpha=0.5))
 
 
 class _ValueWeight(nn.Module):
@@ -68,26 +68,14 @@ class _ValueWeight(nn.Module):
         return w.squeeze(1) if column else w
 
 
-def _in_input_basis(layer: nn.Module, transform, w: torch.Tensor) -> torch.Tensor:
-    """W Q^T M Q for a QuantLinear with an online rotation Q, W M for any other layer."""
-    if isinstance(layer, QuantLinear):
-        return layer.weight_from_input_basis(transform(layer.weight_in_input_basis(w)))
-    return transform(w)
-
-
 class _OutputWeight(nn.Module):
-    """W_o [d, H*hd] -> W_o blockdiag(R per query head) diag(s per query head), in o's input basis."""
+    """W_o [d, H*hd] -> W_o blockdiag(R per query head) diag(s per query head)."""
 
-    def __init__(self, o_proj: nn.Module, rotations: HeadRotations | None, scale: PositiveScale | None,
-                 head_dim: int, group: int):
+    def __init__(self, rotations: HeadRotations | None, scale: PositiveScale | None, head_dim: int, group: int):
         super().__init__()
         self.rotations, self.scale, self.head_dim, self.group = rotations, scale, head_dim, group
-        self._layer = [o_proj]   # a list: not a submodule of the parametrization
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _in_input_basis(self._layer[0], self._transform, w)
-
-    def _transform(self, w: torch.Tensor) -> torch.Tensor:
         heads = w.shape[1] // self.head_dim
         if self.rotations is not None:
             r = self.rotations().to(w.dtype)
@@ -111,46 +99,51 @@ class _DivideRows(nn.Module):
 
 
 class _ScaleColumns(nn.Module):
-    """W -> W diag(s), in the layer's input basis (before its online rotation, if any)."""
+    """W -> W diag(s)."""
 
-    def __init__(self, layer: nn.Module, scale: PositiveScale):
+    def __init__(self, scale: PositiveScale):
         super().__init__()
         self.scale = scale
-        self._layer = [layer]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _in_input_basis(self._layer[0], lambda v: v * self.scale().to(v.dtype), w)
+        return w * self.scale().to(w.dtype)
 
 
 class BlockTransforms(nn.Module):
-    """The learnable transforms of one block; registering them parametrizes the block's weights."""
+    """The learnable transforms of one block; creating them sets the transforms of its v, o, up and down
+    QuantLinears (attach_quantizers first)."""
 
     def __init__(self, block: nn.Module, family: ModelFamily, head_dim: int, paired_scale: bool,
                  learn_rv: bool, rv_per_kv_head: bool):
         super().__init__()
         v_proj, o_proj = block.get_submodule(family.v_proj), block.get_submodule(family.o_proj)
         up, down = block.get_submodule(family.up_proj), block.get_submodule(family.down_proj)
+        for name, layer in ((family.v_proj, v_proj), (family.o_proj, o_proj), (family.up_proj, up),
+                            (family.down_proj, down)):
+            if not isinstance(layer, QuantLinear):
+                raise TypeError(f"BlockTransforms needs QuantLinear layers (attach_quantizers first); {name} is a "
+                                f"{type(layer).__name__}")
         num_kv = v_proj.weight.shape[0] // head_dim
         group = (o_proj.weight.shape[1] // head_dim) // num_kv
         self.rv = HeadRotations(num_kv if rv_per_kv_head else 1, head_dim) if learn_rv else None
         self.vo_scale = PositiveScale(v_proj.weight.shape[0]) if paired_scale else None
         self.ud_scale = PositiveScale(up.weight.shape[0]) if paired_scale else None
-        self._targets: list[tuple[nn.Module, str]] = []
+        self._layers: list[QuantLinear] = []
         if self.rv is not None or self.vo_scale is not None:
-            self._register(v_proj, "weight", _ValueWeight(self.rv, self.vo_scale, head_dim))
-            if v_proj.bias is not None:
-                self._register(v_proj, "bias", _ValueWeight(self.rv, self.vo_scale, head_dim))
-            self._register(o_proj, "weight", _OutputWeight(o_proj, self.rv, self.vo_scale, head_dim, group))
+            value = _ValueWeight(self.rv, self.vo_scale, head_dim)
+            self._attach(v_proj, value, value if v_proj.bias is not None else None)
+            self._attach(o_proj, _OutputWeight(self.rv, self.vo_scale, head_dim, group), None)
         if self.ud_scale is not None:
-            self._register(up, "weight", _DivideRows(self.ud_scale))
-            if up.bias is not None:
-                self._register(up, "bias", _DivideRows(self.ud_scale))
-            self._register(down, "weight", _ScaleColumns(down, self.ud_scale))
+            rows = _DivideRows(self.ud_scale)
+            self._attach(up, rows, rows if up.bias is not None else None)
+            self._attach(down, _ScaleColumns(self.ud_scale), None)
 
-    def _register(self, module: nn.Module, name: str, transform: nn.Module) -> None:
-        getattr(module, name).requires_grad_(False)
-        parametrize.register_parametrization(module, name, transform, unsafe=True)
-        self._targets.append((module, name))
+    def _attach(self, layer: QuantLinear, weight_transform: nn.Module, bias_transform: nn.Module | None) -> None:
+        layer.weight.requires_grad_(False)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer.weight_transform, layer.bias_transform = weight_transform, bias_transform
+        self._layers.append(layer)
 
     def rotation_parameters(self) -> list[nn.Parameter]:
         return list(self.rv.parameters()) if self.rv is not None else []
@@ -175,15 +168,16 @@ class BlockTransforms(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Bake the transforms into the weights, computing them in float64, and drop the parametrizations."""
-        for module, name in self._targets:
-            original = getattr(module.parametrizations, name).original
-            dtype = original.dtype
-            original.data = original.data.double()
-            for transform in getattr(module.parametrizations, name):
-                transform.double()
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-            param = getattr(module, name)
-            param.data = param.data.to(dtype)
-            param.requires_grad_(False)
-        self._targets.clear()
+        """Bake the transforms into the weights, computing them in float64, and remove them from the layers.
+        Every layer's new weight is computed before any is written: v and o share their parameters. The
+        transforms are spent afterwards (left in float64)."""
+        self.double()
+        fused = [(layer.transformed_weight(layer.weight.double()).to(layer.weight.dtype),
+                  None if layer.bias is None else layer.transformed_bias(layer.bias.double()).to(layer.bias.dtype))
+                 for layer in self._layers]
+        for layer, (weight, bias) in zip(self._layers, fused):
+            layer.weight.data = weight
+            if bias is not None:
+                layer.bias.data = bias
+            layer.weight_transform = layer.bias_transform = None
+        self._layers.clear()

@@ -29,6 +29,11 @@ class QuantLinear(nn.Module):
     B, S^a: BASE-Q's activation bias and unpaired scale, held by the activation quantizer.
     W_q: the weight, replaced in place by its fake-quantized value once weights are quantized; the per-channel
     scale is kept in `weight_scale` so the integer codes can be recovered exactly (round(W_q / scale)).
+
+    While a method trains, `weight_transform`/`bias_transform` (equivalence.py) compute the weight and bias from
+    the stored ones and learnable parameters, and `weight_quantizer` rounds the result (STE). They are plain
+    attributes of this one class rather than torch parametrizations, which give every parametrized layer a class
+    of its own: a compiled training step would then be traced again for every block.
     """
 
     def __init__(self, linear: nn.Linear, act_quantizer: ActivationQuantizer, online_hadamard: bool = False):
@@ -43,6 +48,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", None)
         # set while training (e.g. RTN with STE, so learned transforms see the weight grid); None afterwards
         self.weight_quantizer: nn.Module | None = None
+        # set while training learnable equivalence transforms (equivalence.BlockTransforms); None afterwards
+        self.weight_transform: nn.Module | None = None
+        self.bias_transform: nn.Module | None = None
         # True once W_q B has been added to `bias` for good (see fuse_activation_bias)
         self.activation_bias_fused = False
 
@@ -66,15 +74,31 @@ class QuantLinear(nn.Module):
         """The inverse of weight_in_input_basis: W -> W Q."""
         return self.rotate_input(w) if self.has_online_rotation else w
 
+    def transformed_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight (default: the stored one) with the training-time transform M applied where the model's
+        input is, before the online rotation Q: W Q^T M Q."""
+        weight = self.weight if weight is None else weight
+        if self.weight_transform is None:
+            return weight
+        return self.weight_from_input_basis(self.weight_transform(self.weight_in_input_basis(weight)))
+
+    def transformed_bias(self, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        bias = self.bias if bias is None else bias
+        if self.bias_transform is None or bias is None:
+            return bias
+        return self.bias_transform(bias)
+
     def effective_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        weight = self.transformed_weight()
+        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
     def output_bias(self, weight: torch.Tensor) -> torch.Tensor | None:
+        bias = self.transformed_bias()
         act_bias = self.act_quantizer.bias
         if act_bias is None or self.activation_bias_fused:
-            return self.bias
+            return bias
         compensation = F.linear(act_bias.to(weight.dtype), weight)
-        return compensation if self.bias is None else self.bias + compensation
+        return compensation if bias is None else bias + compensation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(self.rotate_input(x))

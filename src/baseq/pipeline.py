@@ -31,6 +31,7 @@ from .methods import METHODS
 from .methods.base import MethodContext
 from .models.lazy import block_store
 from .models.loading import load_model
+from .quant import fused_inference
 from .records import MethodRecord, RunRecord, StageTimer, environment, git_commit, new_run_id, package_versions
 from .saving import MANIFEST, load_quantized_model, save_quantized_model
 from .signals import Preempted, stop_signals_raise
@@ -246,7 +247,8 @@ def run_job(cfg: DictConfig, compare_methods: dict[str, DictConfig] | None = Non
     }, timer)
     with stop_signals_raise() as signals_received:
         try:
-            _run_stages(record, cfg, compare_methods, device, run_key)
+            with fused_inference(cfg.fused_quantizers):
+                _run_stages(record, cfg, compare_methods, device, run_key)
             record.finish("done")
         except BaseException as err:
             done = record.data["stages_done"]

@@ -3,6 +3,9 @@ the KV cache. Training, evaluation and the Triton kernels' reference all go thro
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -130,6 +133,60 @@ def learned_clip(module: nn.Module) -> nn.Parameter | None:
     return getattr(module, "clip_logit", None)
 
 
+# ------------------------------------------------------------------------------------- fused inference
+
+# Without autograd on a GPU, the eager quantizer is about twenty small kernels per call, and evaluating a small
+# model is bound by launching them (W4A4 SmolLM2's zero-shot took 1.8x its fp time). The same quantizer code,
+# compiled by inductor with dynamic shapes (one graph per kind of quantizer serves every layer, batch and
+# length), runs as one or two kernels. Training keeps the eager path: its compiled step (training.py) traces
+# the quantizers into the block's own graph, and autograd would not go through this one.
+_fused = {"enabled": True, "devices": ("cuda",)}
+
+
+@contextlib.contextmanager
+def fused_inference(enabled: bool, devices: tuple[str, ...] = ("cuda",)):
+    """Whether the quantizers run compiled where autograd is off, on tensors of `devices` (the default, CUDA
+    only: on a CPU compiling costs more than it saves; tests pass ("cpu",) to check the compiled numbers)."""
+    saved = dict(_fused)
+    _fused.update(enabled=enabled, devices=devices)
+    try:
+        yield
+    finally:
+        _fused.clear()
+        _fused.update(saved)
+
+
+def _runs_fused(x: torch.Tensor) -> bool:
+    if not _fused["enabled"] or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if x.device.type not in _fused["devices"]:
+        return False
+    return x.device.type != "cuda" or _HAS_TRITON
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _quantize_activation(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    return quantizer.quantize(x, clip)
+
+
+def _quantize_kv(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    return quantizer.quantize(x, clip)
+
+
+# Two functions, so that each kind has dynamo's recompile limit (8 graphs) to itself. Activations come in as
+# [tokens, channels], so the batch size does not matter. The clip (a sigmoid of a learned logit) is computed
+# outside: inductor's sigmoid may round differently from eager's. A kind of quantizer past the limit runs eager.
+_COMPILED = {fn: torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+             for fn in (_quantize_activation, _quantize_kv)}
+
+
+def _apply(fn, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    clip = effective_clip(quantizer, x.dtype)
+    return (_COMPILED[fn] if _runs_fused(x) else fn)(quantizer, x, clip)
+
+
 class ActivationQuantizer(nn.Module):
     """Per-token asymmetric fake quantizer of a linear layer's input.
 
@@ -165,11 +222,16 @@ class ActivationQuantizer(nn.Module):
             x = x - self.bias.to(x.dtype)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         x = self.scale_and_shift(x)
         if not self.enabled:
             return x
-        return fake_quantize_asymmetric(x, self.bits, effective_clip(self, x.dtype))
+        return fake_quantize_asymmetric(x, self.bits, clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled and self.scale is None and self.bias is None:
+            return x
+        return _apply(_quantize_activation, self, x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bits={self.bits}, clip={effective_clip(self, torch.float32).item():.3f}, " \
@@ -192,14 +254,16 @@ class KVQuantizer(nn.Module):
         """init: [heads, head_dim]."""
         self.bias = nn.Parameter(init.detach().clone().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits >= 16:
-            return x
-        clip = effective_clip(self, x.dtype)
+    def quantize(self, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
             return fake_quantize_asymmetric(x, self.bits, clip)
         bias = self.bias.to(x.dtype)[:, None, :]
         return fake_quantize_asymmetric(x - bias, self.bits, clip) + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= 16:
+            return x
+        return _apply(_quantize_kv, self, x)
 
     def extra_repr(self) -> str:
         clip = effective_clip(self, torch.float32).detach()

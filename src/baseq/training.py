@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .blockwise import block_forward, run_block
 from .errors import TrainingDivergedError
+from .precision import float32_matmul_precision
 
 
 @dataclass
@@ -43,11 +44,10 @@ def micro_batch_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, bl
 
 
 # One compiled function for every block: the block is an argument, so its parameters are graph inputs and
-# blocks of the same shape share the compiled forward and backward. Small blocks are bound by kernel
-# launches in eager mode; the compiled step fuses the fake quantizers' elementwise chains. Stage 1's
-# transformed layers get a class of their own per block (torch.nn.utils.parametrize), so stage 1 is traced
-# again for every block; inductor's graph cache makes that retrace seconds, not a new compilation, and the
-# recompile limit is raised so that deep models do not fall back to eager after 8 blocks.
+# blocks of the same shape share the compiled forward and backward (the transforms stage 1 trains are plain
+# attributes of QuantLinear for this reason, see modules.py). Small blocks are bound by kernel launches in
+# eager mode; the compiled step fuses the fake quantizers' elementwise chains. The recompile limit is raised
+# so that a model whose blocks differ (or a long sweep in one process) does not fall back to eager.
 _compiled_micro_batch_loss = torch.compile(micro_batch_loss, dynamic=False)
 _RECOMPILE_LIMIT = 4096
 
@@ -63,8 +63,11 @@ _compiled_micro_batch_loss_16bit = torch.compile(_micro_batch_loss_16bit, dynami
                                                  options={"emulate_precision_casts": True})
 
 TRAIN_STEPS = ("eager", "compiled")
-# the autocast dtype of each training precision (fp32: no autocast)
-AUTOCAST_DTYPES = {"fp32": None, "fp16_autocast": torch.float16, "bf16_autocast": torch.bfloat16}
+# the autocast dtype of each training precision (None: no autocast, the matmuls in float32)
+AUTOCAST_DTYPES = {"fp32": None, "tf32": None, "fp16_autocast": torch.float16, "bf16_autocast": torch.bfloat16}
+# and the float32 matmul precision of its steps: tf32 keeps every tensor in fp32 and runs the matmuls on
+# TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation; a no-op on a CPU)
+MATMUL_PRECISIONS = {"tf32": "high"}
 
 
 @dataclass
@@ -80,8 +83,9 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     """The learning rates follow a cosine over all steps, down to the absolute `eta_min` shared by every
     group, or (eta_min None) to final_lr_fraction of each group's own rate. `step`: "eager", or "compiled"
     (torch.compile of forward and backward; the same numbers up to floating-point reassociation).
-    `precision`: fp32, or fp16/bf16 autocast of the forward with the block's parameters kept in fp32; fp16
-    goes through a GradScaler, which skips a step whose gradients overflow (the BASE-Q authors' code).
+    `precision`: fp32; tf32 (fp32 tensors, TF32 matmuls); or fp16/bf16 autocast of the forward with the block's
+    parameters kept in fp32, where fp16 goes through a GradScaler, which skips a step whose gradients overflow
+    (the BASE-Q authors' code).
     Raises TrainingDivergedError (naming `label`) on a NaN/Inf epoch loss (with fp16: when no step of an
     epoch had a finite loss)."""
     if step not in TRAIN_STEPS:
@@ -118,7 +122,8 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     progress = tqdm(total=total, desc=label, unit="step", leave=False)
     try:
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
-                                        accumulated_recompile_limit=_RECOMPILE_LIMIT):
+                                        accumulated_recompile_limit=_RECOMPILE_LIMIT), \
+                float32_matmul_precision(MATMUL_PRECISIONS.get(precision, "highest")):
             for epoch in range(epochs):
                 order = torch.randperm(inputs.shape[0], generator=gen)
                 # the loss stays on the device until the epoch ends: a host read every step would make the CPU

@@ -20,7 +20,6 @@ import logging
 import os
 import statistics
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -280,19 +279,6 @@ def headline_metric(task_result: dict) -> tuple[str, float]:
     raise KeyError(f"lm-eval reported neither acc_norm nor acc: {sorted(task_result)}")
 
 
-@contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """torch.set_float32_matmul_precision for the duration, the previous setting restored after."""
-    import torch
-
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None, limit: int | None,
                       batch_size: int, device: torch.device, logits_budget_bytes: int | None = None,
                       matmul_precision: str = "highest") -> dict:
@@ -307,6 +293,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], data_root: Path | None
     """
     from lm_eval.evaluator import simple_evaluate
 
+    from ..precision import float32_matmul_precision
     from .bounded_hflm import LOGITS_SHARE_OF_FREE, MemoryBoundedHFLM, free_memory_bytes
 
     if limit is not None and limit < 1:
