@@ -39,6 +39,8 @@ declare -A JOBS=(
   [q_quarot_ppl]="$Q method=quarot"
   [q_quarot_no_o]="$Q method=quarot method.o_proj_hadamard=none"
   [q_baseq]="$Q method=baseq $QZ"
+  [q_baseq_tf32]="$Q method=baseq method.train_precision=tf32 $QZ"
+  [s_baseq_tf32]="$S method=baseq method.train_precision=tf32"
   [q_baseq_fp_inputs]="$Q method=baseq method.train_inputs=fp method.gptq_inputs=fp"
   [q_baseq_e11]="$Q method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
   [q_baseq_token_loss]="$Q method=baseq method.loss=token_normalized_mse"
@@ -54,6 +56,7 @@ declare -A BENCH=(
   [s_zs_speed]="$SMOLLM2"
   [s_zs_speed_fp32]="$SMOLLM2 eval.zeroshot.float32_matmul_precision=highest"
   [q_zs_speed]="${BASEQ_QWEN05:-} "
+  [fused_check]="experiments/fused_quantizer_check.py"
 )
 common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")
 run_one() {
@@ -61,8 +64,12 @@ run_one() {
   if [ -n "${BENCH[$1]:-}" ]; then
     mkdir -p "$R/bench"
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=2 python experiments/zeroshot_speed.py ${BENCH[$1]} device=cuda "data_root=${DATA_ROOT:-}" \
-      --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
+    if [ "$1" = fused_check ]; then
+      python experiments/fused_quantizer_check.py --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
+    else
+      OMP_NUM_THREADS=2 python experiments/zeroshot_speed.py ${BENCH[$1]} device=cuda "data_root=${DATA_ROOT:-}" \
+        --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
+    fi
   else
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1
