@@ -97,7 +97,9 @@ class QuantLinear(nn.Module):
         act_bias = self.act_quantizer.bias
         if act_bias is None or self.activation_bias_fused:
             return bias
-        compensation = F.linear(act_bias.to(weight.dtype), weight)
+        # a one-row matmul, not a matrix-vector product: inductor's backward of the latter failed with TF32 on
+        # (torch 2.11, "self must be a matrix")
+        compensation = F.linear(act_bias.to(weight.dtype)[None], weight)[0]
         return compensation if bias is None else bias + compensation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
