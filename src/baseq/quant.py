@@ -138,7 +138,9 @@ def learned_clip(module: nn.Module) -> nn.Parameter | None:
 # Without autograd on a GPU, the eager quantizer is about twenty small kernels per call, and evaluating a small
 # model is bound by launching them (W4A4 SmolLM2's zero-shot took 1.8x its fp time). The same quantizer code,
 # compiled by inductor with dynamic shapes (one graph per kind of quantizer serves every layer, batch and
-# length), runs as one or two kernels. Training keeps the eager path: its compiled step (training.py) traces
+# length), runs as one or two kernels: 70-145 us a call against 180-500 us eager on an H200's host, values
+# bit-identical except a few in 10^7 where the GPU fuses a multiply-add (experiments/fused_quantizer_check.py).
+# Training keeps the eager path: its compiled step (training.py) traces
 # the quantizers into the block's own graph, and autograd would not go through this one.
 _fused = {"enabled": True, "devices": ("cuda",)}
 
