@@ -4,6 +4,7 @@ the KV cache. Training, evaluation and the Triton kernels' reference all go thro
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -163,10 +164,16 @@ def _runs_fused(x: torch.Tensor) -> bool:
         return False
     if x.device.type not in _fused["devices"]:
         return False
-    return x.device.type != "cuda" or _HAS_TRITON
+    return x.device.type != "cuda" or _has_triton()
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+@functools.cache
+def _has_triton() -> bool:
+    """Inductor needs Triton for CUDA kernels; asked on first use, not at import (a plain install lacks it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:
+        return False
 
 
 def _quantize_activation(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
