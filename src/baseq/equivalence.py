@@ -169,15 +169,12 @@ class BlockTransforms(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Bake the transforms into the weights, computing them in float64, and remove them from the layers.
-        Every layer's new weight is computed before any is written: v and o share their parameters. The
-        transforms are spent afterwards (left in float64)."""
+        The transforms are spent afterwards (left in float64)."""
         self.double()
-        fused = [(layer.transformed_weight(layer.weight.double()).to(layer.weight.dtype),
-                  None if layer.bias is None else layer.transformed_bias(layer.bias.double()).to(layer.bias.dtype))
-                 for layer in self._layers]
-        for layer, (weight, bias) in zip(self._layers, fused):
-            layer.weight.data = weight
-            if bias is not None:
-                layer.bias.data = bias
+        for layer in self._layers:
+            weight = layer.transformed_weight(layer.weight.double())
+            if layer.bias is not None:
+                layer.bias.data = layer.transformed_bias(layer.bias.double()).to(layer.bias.dtype)
+            layer.weight.data = weight.to(layer.weight.dtype)
             layer.weight_transform = layer.bias_transform = None
         self._layers.clear()

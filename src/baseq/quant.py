@@ -141,8 +141,8 @@ def learned_clip(module: nn.Module) -> nn.Parameter | None:
 # compiled by inductor with dynamic shapes (one graph per kind of quantizer serves every layer, batch and
 # length), runs as one or two kernels: 70-145 us a call against 180-500 us eager on an H200's host, values
 # bit-identical except a few in 10^7 where the GPU fuses a multiply-add (experiments/fused_quantizer_check.py).
-# Training keeps the eager path: its compiled step (training.py) traces
-# the quantizers into the block's own graph, and autograd would not go through this one.
+# Training keeps the eager path: its compiled step (training.py) traces the quantizers into the block's own
+# graph, and autograd would not go through this one.
 _fused = {"enabled": True, "devices": ("cuda",)}
 
 
