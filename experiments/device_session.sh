@@ -4,7 +4,7 @@
 #
 # Here, once:   ../shared/tools/gpu-stage --eval          (wheels: .stage/part-NN, .stage/env.sh)
 #               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled;
-#               55 MiB pieces: 9, QWEN_PIECES)
+#               60 MiB pieces: 8, QWEN_PIECES)
 #               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
 # Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
 #               starting with `source experiments/device_session.sh`; after the last wheel piece:
@@ -35,7 +35,7 @@ collect() {   # the records and logs so far, as one file under $OUT
 
 qwen_ready() {   # join the Qwen2 GGUF pieces once all have arrived, checking the sha256
   [ -f $S/qwen/model.gguf ] && return 0
-  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-9}" ] || return 1
+  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-8}" ] || return 1
   cat $S/qwen/q.* > $S/qwen/model.gguf && \
     echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $S/qwen/model.gguf" | sha256sum -c --quiet - && \
     rm $S/qwen/q.*
@@ -45,4 +45,21 @@ start_jobs() {   # start_jobs PARALLEL job ...: experiments/fidelity_gpu.sh in t
   local parallel=$1; shift
   DATA_ROOT=/root/data RESULTS=$R PARALLEL=$parallel BASEQ_QWEN05=$S/qwen/model.gguf \
     setsid nohup experiments/fidelity_gpu.sh "$@" > /dev/null 2>&1 < /dev/null &
+}
+
+gpu_idle() {   # every job started has ended (twice, 5 s apart: a runner starts its next job right after one ends)
+  local started ended
+  for _ in 1 2; do
+    started=$(grep -c ' start ' $R/logs/progress 2>/dev/null); ended=$(grep -c ' end ' $R/logs/progress 2>/dev/null)
+    [ "${started:-0}" = "${ended:-0}" ] || return 1; sleep 5
+  done
+}
+
+start_when_qwen_ready() {   # start_when_qwen_ready PARALLEL job ...: in the background, once the Qwen2 pieces are
+  # joined and no job is running (the jobs run alone), start the jobs; later calls then only carry pieces. To run
+  # them before a queue's remaining jobs, kill that queue's runner (pkill -f "[f]idelity_gpu.sh l70"): its running
+  # job still ends and logs it.
+  setsid nohup bash -c "source experiments/device_session.sh
+    until qwen_ready && gpu_idle; do sleep 5; done
+    start_jobs $*" > /dev/null 2>&1 < /dev/null &
 }

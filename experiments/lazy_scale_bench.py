@@ -5,8 +5,13 @@ per depth and method. Prints and writes per run: quantize time and time per bloc
 stage, peak host memory, and the projection to the preset's full depth.
 
     python experiments/lazy_scale_bench.py --shape llama-2-70b --layers 2 6 --methods quarot baseq \\
-        --out results/lazy_scale -- data_root=/root/data
+        --out results/lazy_scale.json -- data_root=/root/data
     python experiments/lazy_scale_bench.py --shape llama-2-7b --layers 32 --methods quarot   # 7B end to end
+    python experiments/lazy_scale_bench.py --layers 2 --methods baseq,method.train_precision=tf32
+
+A method may carry its own run.py overrides after commas (`baseq,method.train_precision=tf32`); the overrides
+after `--` go to every run. The checkpoints are written under --work (default: the system's temporary folder)
+and deleted after their depth is done; each run's record lands in a folder beside the JSON (named after it).
 
 The weights are random (normal, std 0.02; norms 1) in float16 and the tokenizer is a byte-level BPE trained
 on the calibration text, so the perplexities mean nothing: memory and time are what is measured. What the
@@ -18,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,9 +90,10 @@ def write_random_checkpoint(folder: Path, shape: dict, layers: int, tokenizer, s
 
 
 def run_one(model_dir: Path, method: str, results: Path, overrides: list[str]) -> dict:
+    name, *method_overrides = method.split(",")
     command = [sys.executable, "run.py", "model=local", f"model.path={model_dir}", "model.lazy=true",
-               "model.dtype=float16", f"method={method}", "eval=ppl", "compare_with=[]", f"results_dir={results}",
-               "resume=false", *overrides]
+               "model.dtype=float16", f"method={name}", "eval=ppl", "compare_with=[]", f"results_dir={results}",
+               "resume=false", *method_overrides, *overrides]
     start = time.perf_counter()
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -109,7 +117,9 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=None)
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--kv-heads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("results/lazy_scale"))
+    parser.add_argument("--out", type=Path, default=Path("results/lazy_scale.json"), help="the JSON to write")
+    parser.add_argument("--work", type=Path, default=None, help="where the checkpoints are written (default: a "
+                        "temporary folder; about 1.7 GB per 70B-shaped block)")
     parser.add_argument("overrides", nargs="*", help="run.py overrides, after --")
     args = parser.parse_args()
 
@@ -127,25 +137,30 @@ def main() -> None:
               "shape": {k: shape[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                                "num_key_value_heads")} | {"vocab_size": len(tokenizer)},
               "full_depth": shape["num_hidden_layers"], "runs": []}
+    records = args.out.with_suffix("")   # results/lazy_scale.json -> results/lazy_scale/<run>/runs/*.json
+    work = Path(tempfile.mkdtemp(prefix="baseq-lazy-scale-", dir=args.work))
     for layers in args.layers:
-        model_dir = args.out / f"model-{layers}"
+        model_dir = work / f"model-{layers}"
         written = write_random_checkpoint(model_dir, shape, layers, tokenizer)
         for method in args.methods:
-            result = run_one(model_dir, method, args.out / f"results-{method}-{layers}", args.overrides)
+            label = method.split(",")[0] + "".join(f"-{o.split('=')[-1]}" for o in method.split(",")[1:])
+            result = run_one(model_dir, method, records / f"{label}-{layers}", args.overrides)
             result |= {"layers": layers, "method": method, "checkpoint_gb": written / 2**30}
             if result["returncode"] == 0:
                 quantize = result["timings_s"].get("quantize", 0.0)
                 result["quantize_s_per_block"] = quantize / layers
                 result["projected_quantize_h_full_depth"] = quantize / layers * report["full_depth"] / 3600
             report["runs"].append(result)
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "lazy_scale.json").write_text(json.dumps(report, indent=2) + "\n")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
             peaks = result.get("peak_memory_gb", {})
             print(f"{method:<8}{layers:>4} blocks  rc={result['returncode']}  quantize "
                   f"{result.get('timings_s', {}).get('quantize', float('nan')):8.1f} s  device peak "
                   f"{max((peaks.get('device') or {0: float('nan')}).values()):7.2f} GiB  host peak "
                   f"{peaks.get('host') or float('nan'):6.2f} GiB", flush=True)
-    print(f"wrote {args.out / 'lazy_scale.json'}")
+        shutil.rmtree(model_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from baseq.config import enum_value, register_configs, resolve_device
 from baseq.evaluation.zeroshot import evaluate_zeroshot
 from baseq.models.loading import load_model
 from baseq.pipeline import apply_method
+from baseq.quant import fused_inference
 from baseq.records import git_commit, package_versions
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -107,8 +108,9 @@ def main() -> None:
     apply_method(model, family, tokenizer, cfg, cfg.method, device, {})
     quantize_s = time.perf_counter() - start
     label = f"{cfg.method.name} {cfg.quant.name}"
-    print(f"{label} (quantized in {quantize_s:.0f} s, not counted)")
-    results[label] = time_tasks(model, tokenizer, cfg, data_root, device, args.combined)
+    print(f"{label} (quantized in {quantize_s:.0f} s, not counted; fused quantizers {cfg.fused_quantizers})")
+    with fused_inference(cfg.fused_quantizers):   # as run.py evaluates
+        results[label] = time_tasks(model, tokenizer, cfg, data_root, device, args.combined)
 
     print(f"\n{'task':<16}" + "".join(f"{name:>22}" for name in results))
     for task in zs.tasks:
