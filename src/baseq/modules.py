@@ -92,20 +92,16 @@ class QuantLinear(nn.Module):
         weight = self.transformed_weight()
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
-    def output_bias(self, weight: torch.Tensor) -> torch.Tensor | None:
-        bias = self.transformed_bias()
-        act_bias = self.act_quantizer.bias
-        if act_bias is None or self.activation_bias_fused:
-            return bias
-        # a one-row matmul, not a matrix-vector product: inductor's backward of the latter failed with TF32 on
-        # (torch 2.11, "self must be a matrix")
-        compensation = F.linear(act_bias.to(weight.dtype)[None], weight)[0]
-        return compensation if bias is None else bias + compensation
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(self.rotate_input(x))
-        weight = self.effective_weight()
-        return F.linear(x, weight, self.output_bias(weight))
+        act_bias = self.act_quantizer.bias
+        if act_bias is not None and not self.activation_bias_fused:
+            # W_q Q(S^a x - B) + W_q B as W_q (Q(S^a x - B) + B): the compensation rides on the input, with no
+            # product of its own. (A separate W_q B, as a matrix-vector or a one-row product, made inductor's
+            # compiled backward fail with TF32 on, torch 2.11: "self must be a matrix", a reused buffer lost
+            # its 2-D view.)
+            x = x + act_bias.to(x.dtype)
+        return F.linear(x, self.effective_weight(), self.transformed_bias())
 
     @torch.no_grad()
     def fuse_activation_bias(self) -> None:
