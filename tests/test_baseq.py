@@ -111,6 +111,11 @@ def test_training_lowers_block_error_and_is_deterministic():
         assert len(learned["k_cache"]["clip"]) == 2 and learned["down_proj"]["bias_norm"] > 0
         assert learned["down_proj"]["scale_min"] <= learned["down_proj"]["scale_max"]
         assert "v_o" in entry["paired_scales"] and entry["paired_scales"]["rv_distance_from_init"] > 0
+        # where each block's time went (a 70B block's 181 s were a third outside training and GPTQ)
+        assert set(entry["seconds"]) == {"move", "fp_targets", "stage1", "gptq", "stage2", "rest"}
+        assert all(t >= 0 for t in entry["seconds"].values()) and entry["seconds"]["stage1"] > 0
+    assert report["timings_s"]["stage1"] == pytest.approx(sum(e["seconds"]["stage1"] for e in report["blocks"]))
+    assert report["timings_s"]["rotations"] > 0 and report["timings_s"]["capture_inputs"] > 0
     # the online tensors the kernels need are explicit per layer, and the compensation is fused
     down = model.model.layers[0].mlp.down_proj
     assert down.act_quantizer.bias is not None and down.act_quantizer.scale is not None
@@ -271,3 +276,71 @@ def test_tf32_training_runs_its_steps_at_high_matmul_precision_and_restores_it()
         train_block(Scaled(), torch.randn(2, 3, 8), torch.zeros(2, 3, 8), {}, [ParamGroup("scale", [scale], 1e-2)],
                     epochs=1, batch_size=1, label="x", seed=0, precision=precision)
     assert seen == ["high", "high", "highest", "highest"] and torch.get_float32_matmul_precision() == before
+
+
+def test_a_compiled_step_that_fails_falls_back_to_eager_with_the_same_numbers(monkeypatch, caplog):
+    from baseq import training
+    from baseq.training import ParamGroup, train_block
+
+    class BrokenBackward(torch.autograd.Function):   # what inductor's failing backward did: raise on the way back
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("self must be a matrix")
+
+    def broken_compiled_loss(block, x, target, block_kwargs, loss):
+        return BrokenBackward.apply(training.micro_batch_loss(block, x, target, block_kwargs, loss))
+
+    monkeypatch.setattr(training, "_compiled_micro_batch_loss", broken_compiled_loss)
+    monkeypatch.setattr(training, "_compiled_step_error", [])
+
+    def train(step):
+        torch.manual_seed(0)
+        scale = torch.nn.Parameter(torch.ones(8))
+
+        class Scaled(torch.nn.Module):
+            def forward(self, x, **_):
+                return x * scale
+
+        inputs, targets = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+        log = train_block(Scaled(), inputs, targets, {}, [ParamGroup("scale", [scale], 1e-2)],
+                          epochs=2, batch_size=2, label="block 0 stage 2", seed=0, step=step)
+        return log, scale.detach().clone()
+
+    eager_log, eager_scale = train("eager")
+    with caplog.at_level("WARNING", logger="baseq"):
+        log, scale = train("compiled")
+    assert log.compiled_step_error == "RuntimeError: self must be a matrix"
+    assert "block 0 stage 2: the compiled training step failed" in caplog.text
+    assert log.epoch_losses == eager_log.epoch_losses and torch.equal(scale, eager_scale)
+    # later stages of the process train eagerly at once, and say so in their report
+    assert train("compiled")[0].compiled_step_error == "RuntimeError: self must be a matrix"
+    assert eager_log.compiled_step_error is None
+
+
+@pytest.mark.parametrize("precision, passes", [("fp32", "highest"), ("tf32", "high")])
+def test_tf32_covers_every_block_pass_but_gptq(monkeypatch, precision, passes):
+    from baseq import blockwise
+    from baseq.methods import baseq as baseq_method
+
+    seen = {"run_block": set(), "gptq": set()}
+
+    def recording_run_block(*args, **kwargs):
+        seen["run_block"].add(torch.get_float32_matmul_precision())
+        return blockwise.run_block(*args, **kwargs)
+
+    def recording_gptq(*args, **kwargs):
+        seen["gptq"].add(torch.get_float32_matmul_precision())
+        return gptq_block_original(*args, **kwargs)
+
+    gptq_block_original = baseq_method.gptq_block
+    monkeypatch.setattr(baseq_method, "run_block", recording_run_block)
+    monkeypatch.setattr(baseq_method, "gptq_block", recording_gptq)
+    before = torch.get_float32_matmul_precision()
+    run_baseq(train_precision=precision, train_step="eager")
+    # the fp targets and the next block's inputs at the training's precision; GPTQ at fp32's
+    assert seen == {"run_block": {passes}, "gptq": {"highest"}}
+    assert torch.get_float32_matmul_precision() == before

@@ -9,6 +9,7 @@ blocks, whose outputs are largest."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 from .blockwise import block_forward, run_block
 from .errors import TrainingDivergedError
 from .precision import float32_matmul_precision
+
+log = logging.getLogger("baseq")
 
 
 @dataclass
@@ -62,6 +65,12 @@ def _micro_batch_loss_16bit(block, x, target, block_kwargs, loss):
 _compiled_micro_batch_loss_16bit = torch.compile(_micro_batch_loss_16bit, dynamic=False,
                                                  options={"emulate_precision_casts": True})
 
+# A compiled step that raises on its first micro-batch falls back to the eager step, for that stage and every
+# later one in the process: a compiler bug must not cost a run (session 6 on the H200: inductor's TF32 backward
+# of a Qwen2 block called a matmul on a buffer that had lost its 2-D view). The failed step took no optimizer
+# step, so the eager retry of the same micro-batch continues exactly. Out-of-memory is not a compiler bug.
+_compiled_step_error: list[str] = []
+
 TRAIN_STEPS = ("eager", "compiled")
 # the autocast dtype of each training precision (None: no autocast, the matmuls in float32)
 AUTOCAST_DTYPES = {"fp32": None, "tf32": None, "fp16_autocast": torch.float16, "bf16_autocast": torch.bfloat16}
@@ -74,6 +83,7 @@ MATMUL_PRECISIONS = {"tf32": "high"}
 class TrainingLog:
     epoch_losses: list[float]   # the mean loss of each epoch, over the steps that were taken
     nonfinite_steps: int = 0    # fp16 autocast: steps with an overflowing (non-finite) loss, not applied
+    compiled_step_error: str | None = None   # step="compiled" ran eager instead, because of this error
 
 
 def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, block_kwargs: dict,
@@ -93,7 +103,7 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"unknown training precision {precision!r}; use one of {tuple(AUTOCAST_DTYPES)}")
     autocast_dtype = AUTOCAST_DTYPES[precision]
-    forward_loss = (micro_batch_loss if step == "eager" else
+    forward_loss = (micro_batch_loss if step == "eager" or _compiled_step_error else
                     _compiled_micro_batch_loss if autocast_dtype is None else _compiled_micro_batch_loss_16bit)
     device_type = inputs.device.type
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype is torch.float16)
@@ -117,6 +127,13 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     else:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * step / total)))
+    def forward_backward(forward_loss, idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(value).backward()
+        return value
+
     gen = torch.Generator().manual_seed(seed)
     epoch_losses, nonfinite_steps = [], 0
     progress = tqdm(total=total, desc=label, unit="step", leave=False)
@@ -134,10 +151,21 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
                     nonfinite = torch.zeros((), device=inputs.device, dtype=torch.long)
                 for start in range(0, inputs.shape[0], batch_size):
                     idx = order[start:start + batch_size].to(inputs.device)
-                    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(value).backward()
+                    if forward_loss is micro_batch_loss or progress.n > 0:
+                        value = forward_backward(forward_loss, idx)
+                    else:
+                        try:
+                            value = forward_backward(forward_loss, idx)
+                        except torch.OutOfMemoryError:
+                            raise
+                        except Exception as error:   # noqa: BLE001 - any compiler failure; the retry re-raises real ones
+                            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1][:300]}"
+                            log.warning("%s: the compiled training step failed on its first micro-batch (%s); "
+                                        "training with the eager step from here on (same numbers up to "
+                                        "reassociation, slower)", label, message)
+                            _compiled_step_error.append(message)
+                            forward_loss = micro_batch_loss
+                            value = forward_backward(forward_loss, idx)
                     scaler.step(optimizer)   # with the scaler off: optimizer.step()
                     scaler.update()
                     schedule.step()
@@ -168,7 +196,8 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
             p.requires_grad_(False)
         for p in frozen:
             p.requires_grad_(True)
-    return TrainingLog(epoch_losses, nonfinite_steps)
+    fallback = _compiled_step_error[0] if step == "compiled" and _compiled_step_error else None
+    return TrainingLog(epoch_losses, nonfinite_steps, fallback)
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> float:

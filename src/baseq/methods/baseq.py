@@ -24,7 +24,8 @@ from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
                         only_quantizers, quant_linears, quantize_block_rtn)
-from ..training import ParamGroup, block_mse, mse, train_block
+from ..precision import float32_matmul_precision
+from ..training import MATMUL_PRECISIONS, ParamGroup, block_mse, mse, train_block
 from .quarot import apply_rotations, head_dim_of
 
 
@@ -144,10 +145,13 @@ def train_stage2(block, m, inputs, targets, kwargs, label: str, seed: int) -> di
 
 
 def _training_report(stage: str, training) -> dict:
-    """The epoch losses, and (fp16 autocast) how many steps had a non-finite loss and were skipped, if any."""
+    """The epoch losses, (fp16 autocast) how many steps had a non-finite loss and were skipped, and (a compiled
+    step that failed) the error that made the stage train eagerly, if any."""
     report = {f"{stage}_loss": training.epoch_losses}
     if training.nonfinite_steps:
         report[f"{stage}_nonfinite_steps"] = training.nonfinite_steps
+    if training.compiled_step_error:
+        report[f"{stage}_compiled_step_error"] = training.compiled_step_error
     return report
 
 
@@ -174,63 +178,93 @@ def learned_summary(block: nn.Module, family) -> dict:
 def quantize(model, family, ctx) -> None:
     m, q = ctx.method, ctx.quant
     device, bs = ctx.device, m.train_batch_size
+    seconds = ctx.report.setdefault("timings_s", {"rotations": 0.0, "capture_inputs": 0.0, "stage1": 0.0,
+                                                  "gptq": 0.0, "stage2": 0.0})
+
+    def now() -> float:   # stage times must not depend on where the GPU's queue happens to be
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    start = now()
     attach_quantizers(model, family, q.a_bits, q.kv_bits, m.act_clip_ratio, m.kv_clip_ratio, learn_clip=m.learn_clip,
                       kv_clip_per_head=m.kv_clip_per_head)
     apply_rotations(model, family, device, ctx.seed, enum_value(m.residual_rotation), enum_value(m.o_proj_hadamard),
                     value_rotation=enum_value(m.rv_init) == "hadamard", note=ctx.note)
+    seconds["rotations"] += now() - start
     head_dim = head_dim_of(model.config)
     train_inputs, gptq_inputs = enum_value(m.train_inputs), enum_value(m.gptq_inputs)
     stage1 = (m.paired_scale or m.learn_rv or m.learn_clip) and m.stage1_epochs > 0
     stage2 = (m.bias or m.unpaired_scale or m.learn_clip or m.kv_bias) and m.stage2_epochs > 0
 
+    start = now()
     inputs = capture_block_inputs(model, family, ctx.calibration, device)
+    seconds["capture_inputs"] += now() - start
     x_fp, x_q, kwargs = inputs.hidden, inputs.hidden.clone(), inputs.kwargs
     del inputs   # else block 0's inputs would stay on the device for the whole loop, once x_fp moves on
     n_train = x_fp.shape[0] - m.heldout_samples
     train, held = slice(0, n_train), slice(n_train, None)
     report = ctx.report.setdefault("blocks", [])
-    seconds = ctx.report.setdefault("timings_s", {"stage1": 0.0, "gptq": 0.0, "stage2": 0.0})
     dtype = next(model.parameters()).dtype
     blocks = family.blocks(model)
+    # train_precision=tf32 puts every matmul of the block's passes on TF32: training, its targets, the
+    # diagnostics and the next block's inputs (six no-grad passes over the calibration set; by FLOP count about
+    # 9 s each at fp32's rate on a 70B-shaped block, whose whole step took 181 s). GPTQ stays in fp32.
+    passes = MATMUL_PRECISIONS.get(enum_value(m.train_precision), "highest")
+    last = now()
     for index, block in tqdm(iterate_blocks(model, family, device), total=len(blocks), desc="BASE-Q", unit="block"):
-        block.float()
-        # x_fp and x_q stay in the load dtype: every consumer casts a micro-batch at a time to the fp32 block
-        with activation_quantization_disabled(block), torch.no_grad():
-            y_fp = run_block(block, x_fp, kwargs, bs, torch.float32)
-        train_x = (x_fp if train_inputs == "fp" else x_q)[train]
-        entry = {"block": index}
+        with float32_matmul_precision(passes):
+            # per block: the time to bring it in (the previous block written back, this one read: a lazy model's
+            # disk traffic) and to capture its fp targets, its two stages and GPTQ, and the rest (final errors,
+            # next inputs)
+            block_seconds = {"move": now() - last}
+            start = now()
+            block.float()
+            # x_fp and x_q stay in the load dtype: every consumer casts a micro-batch at a time to the fp32 block
+            with activation_quantization_disabled(block), torch.no_grad():
+                y_fp = run_block(block, x_fp, kwargs, bs, torch.float32)
+            train_x = (x_fp if train_inputs == "fp" else x_q)[train]
+            entry = {"block": index}
+            block_seconds["fp_targets"] = now() - start
 
-        start = time.perf_counter()
-        if stage1:
-            entry.update(train_stage1(block, family, m, q.w_bits, head_dim, train_x, y_fp[train], kwargs,
-                                      f"block {index} stage 1", ctx.seed + index))
-        seconds["stage1"] += time.perf_counter() - start
+            start = now()
+            if stage1:
+                entry.update(train_stage1(block, family, m, q.w_bits, head_dim, train_x, y_fp[train], kwargs,
+                                          f"block {index} stage 1", ctx.seed + index))
+            block_seconds["stage1"] = now() - start
 
-        start = time.perf_counter()
-        quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train], kwargs)
-        seconds["gptq"] += time.perf_counter() - start
+            start = now()
+            with float32_matmul_precision("highest"):
+                quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train], kwargs)
+            block_seconds["gptq"] = now() - start
 
-        start = time.perf_counter()
-        if stage2:
-            entry.update(train_stage2(block, m, train_x, y_fp[train], kwargs, f"block {index} stage 2",
-                                      ctx.seed + 7919 + index))
-        for lin in quant_linears(block):
-            lin.fuse_activation_bias()
-        seconds["stage2"] += time.perf_counter() - start
+            start = now()
+            if stage2:
+                entry.update(train_stage2(block, m, train_x, y_fp[train], kwargs, f"block {index} stage 2",
+                                          ctx.seed + 7919 + index))
+            for lin in quant_linears(block):
+                lin.fuse_activation_bias()
+            block_seconds["stage2"] = now() - start
+            for stage in ("stage1", "gptq", "stage2"):
+                seconds[stage] += block_seconds[stage]
+            start = now()
 
-        # the block's error on fp inputs (its own share) and on the quantized model's inputs (what evaluation
-        # sees: it includes every earlier block's error), against the fp block on fp inputs
-        entry["final_mse_fp_inputs"] = block_mse(block, x_fp[train], y_fp[train], kwargs, bs)
-        if m.heldout_samples:
-            entry["heldout_mse_fp_inputs"] = block_mse(block, x_fp[held], y_fp[held], kwargs, bs)
-        # the quantized model's next inputs; their error is the block's MSE on the quantized inputs
-        with torch.no_grad():
-            y_q = run_block(block, x_q, kwargs, bs, torch.float32)
-        entry["final_mse_quantized_inputs"] = mse(y_q[train], y_fp[train])
-        if m.heldout_samples:
-            entry["heldout_mse_quantized_inputs"] = mse(y_q[held], y_fp[held])
-        entry["learned"] = learned_summary(block, family)
-        x_q = y_q.to(x_q.dtype)
-        x_fp = y_fp.to(x_fp.dtype)
-        block.to(dtype)
-        report.append(entry)
+            # the block's error on fp inputs (its own share) and on the quantized model's inputs (what evaluation
+            # sees: it includes every earlier block's error), against the fp block on fp inputs
+            entry["final_mse_fp_inputs"] = block_mse(block, x_fp[train], y_fp[train], kwargs, bs)
+            if m.heldout_samples:
+                entry["heldout_mse_fp_inputs"] = block_mse(block, x_fp[held], y_fp[held], kwargs, bs)
+            # the quantized model's next inputs; their error is the block's MSE on the quantized inputs
+            with torch.no_grad():
+                y_q = run_block(block, x_q, kwargs, bs, torch.float32)
+            entry["final_mse_quantized_inputs"] = mse(y_q[train], y_fp[train])
+            if m.heldout_samples:
+                entry["heldout_mse_quantized_inputs"] = mse(y_q[held], y_fp[held])
+            entry["learned"] = learned_summary(block, family)
+            x_q = y_q.to(x_q.dtype)
+            x_fp = y_fp.to(x_fp.dtype)
+            block.to(dtype)
+            block_seconds["rest"] = now() - start
+            entry["seconds"] = block_seconds
+            report.append(entry)
+        last = now()
