@@ -127,6 +127,7 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
     else:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * step / total)))
+
     def forward_backward(forward_loss, idx: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             value = forward_loss(block, inputs[idx].float(), targets[idx], block_kwargs, loss)
