@@ -92,8 +92,7 @@ def write_random_checkpoint(folder: Path, shape: dict, layers: int, tokenizer, s
     return total
 
 
-def run_one(model_dir: Path, method: str, results: Path, overrides: list[str]) -> dict:
-    name, *method_overrides = method.split(",")
+def run_one(model_dir: Path, name: str, method_overrides: list[str], results: Path, overrides: list[str]) -> dict:
     command = [sys.executable, "run.py", "model=local", f"model.path={model_dir}", "model.lazy=true",
                "model.dtype=float16", f"method={name}", "eval=ppl", "compare_with=[]", f"results_dir={results}",
                "resume=false", *method_overrides, *overrides]
@@ -146,8 +145,9 @@ def main() -> None:
         model_dir = work / f"model-{layers}"
         written = write_random_checkpoint(model_dir, shape, layers, tokenizer)
         for method in args.methods:
-            label = method.split(",")[0] + "".join(f"-{o.split('=')[-1]}" for o in method.split(",")[1:])
-            result = run_one(model_dir, method, records / f"{label}-{layers}", args.overrides)
+            name, *method_overrides = method.split(",")
+            label = name + "".join(f"-{o.split('=')[-1]}" for o in method_overrides)
+            result = run_one(model_dir, name, method_overrides, records / f"{label}-{layers}", args.overrides)
             result |= {"layers": layers, "method": method, "checkpoint_gb": written / 2**30}
             if result["returncode"] == 0:
                 quantize = result["timings_s"].get("quantize", 0.0)

@@ -111,7 +111,7 @@ def test_training_lowers_block_error_and_is_deterministic():
         assert len(learned["k_cache"]["clip"]) == 2 and learned["down_proj"]["bias_norm"] > 0
         assert learned["down_proj"]["scale_min"] <= learned["down_proj"]["scale_max"]
         assert "v_o" in entry["paired_scales"] and entry["paired_scales"]["rv_distance_from_init"] > 0
-        # where each block's time went (a 70B block's 181 s were a third outside training and GPTQ)
+        # where each block's time went (a 70B-shaped block's 181 s were a quarter outside training and GPTQ)
         assert set(entry["seconds"]) == {"move", "fp_targets", "stage1", "gptq", "stage2", "rest"}
         assert all(t >= 0 for t in entry["seconds"].values()) and entry["seconds"]["stage1"] > 0
     assert report["timings_s"]["stage1"] == pytest.approx(sum(e["seconds"]["stage1"] for e in report["blocks"]))

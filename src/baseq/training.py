@@ -152,21 +152,20 @@ def train_block(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, b
                     nonfinite = torch.zeros((), device=inputs.device, dtype=torch.long)
                 for start in range(0, inputs.shape[0], batch_size):
                     idx = order[start:start + batch_size].to(inputs.device)
-                    if forward_loss is micro_batch_loss or progress.n > 0:
+                    try:
                         value = forward_backward(forward_loss, idx)
-                    else:
-                        try:
-                            value = forward_backward(forward_loss, idx)
-                        except torch.OutOfMemoryError:
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as error:   # noqa: BLE001 - any compiler failure; the retry re-raises real ones
+                        if forward_loss is micro_batch_loss or progress.n > 0:
                             raise
-                        except Exception as error:   # noqa: BLE001 - any compiler failure; the retry re-raises real ones
-                            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1][:300]}"
-                            log.warning("%s: the compiled training step failed on its first micro-batch (%s); "
-                                        "training with the eager step from here on (same numbers up to "
-                                        "reassociation, slower)", label, message)
-                            _compiled_step_error.append(message)
-                            forward_loss = micro_batch_loss
-                            value = forward_backward(forward_loss, idx)
+                        message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1][:300]}"
+                        log.warning("%s: the compiled training step failed on its first micro-batch (%s); "
+                                    "training with the eager step from here on (same numbers up to "
+                                    "reassociation, slower)", label, message)
+                        _compiled_step_error.append(message)
+                        forward_loss = micro_batch_loss
+                        value = forward_backward(forward_loss, idx)
                     scaler.step(optimizer)   # with the scaler off: optimizer.step()
                     scaler.update()
                     schedule.step()
