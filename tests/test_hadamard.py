@@ -77,8 +77,9 @@ def test_large_sizes_are_kronecker_of_hadamard_factors(n):
 
 @pytest.mark.parametrize("n", HUGE)
 def test_huge_sizes_through_the_transform(n):
-    for f, sylvester in hd._plan(n):  # the dense factors the transform multiplies by
-        _assert_hadamard(hd._factor(f, sylvester, torch.device("cpu"), torch.float64)[0], f)
+    for f, h, ht in hd._transform_plan(n, torch.device("cpu"), torch.float64):  # the factors it multiplies by
+        _assert_hadamard(h, f)
+        assert torch.equal(ht, h.T)
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(16, n, generator=gen, dtype=torch.float64)
     y = hadamard_transform(x)
@@ -215,11 +216,11 @@ def test_transform_keeps_gradients_and_caches_factors():
     hadamard_transform(x).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-12, atol=1e-12)  # orthogonal map
     hadamard_transform(torch.randn(2, 1536))
-    size = len(hd._FACTOR_CACHE)
-    first = hd._factor(12, False, torch.device("cpu"), torch.float32)
+    size = len(hd._TRANSFORM_PLANS)
+    first = hd._transform_plan(1536, torch.device("cpu"), torch.float32)
     hadamard_transform(torch.randn(2, 1536))
-    assert len(hd._FACTOR_CACHE) == size
-    assert hd._factor(12, False, torch.device("cpu"), torch.float32)[0] is first[0]
+    assert len(hd._TRANSFORM_PLANS) == size
+    assert all(a[1] is b[1] for a, b in zip(hd._transform_plan(1536, torch.device("cpu"), torch.float32), first))
 
 
 def test_transform_rejects_integer_input():

@@ -243,3 +243,55 @@ def test_fused_inference_quantizers_are_the_eager_ones_compiled_with_the_same_nu
         out = baseq_style(x.float())
     out.sum().backward()
     assert baseq_style.bias.grad is not None and not counters["stats"]["unique_graphs"]
+
+
+def test_fused_inference_of_a_rotated_model_is_exact_and_quantizes_each_input_once():
+    # QuaRot on a Qwen2-shaped model: R4 and the o_proj Hadamard trace into their layer's quantizer graph, R3 and
+    # the cache quantizers into one, and q/k/v (gate/up) reuse one quantization. Same logits, bit for bit.
+    from torch._dynamo.utils import counters
+
+    from baseq.methods.quarot import apply_rotations
+    from baseq.models.families import family_of
+    from baseq.quant import fused_inference
+    from baseq.quantize import attach_quantizers, quantize_block_rtn
+    from conftest import tiny_qwen2
+
+    model = tiny_qwen2(hidden=128, ffn=384, layers=2, heads=4, kv_heads=2, dtype=torch.float32)
+    family = family_of(model)
+    attach_quantizers(model, family, 4, 4, 0.9, 0.95)
+    apply_rotations(model, family, torch.device("cpu"), 0, o_proj_hadamard="cross_heads")
+    for block in family.blocks(model):
+        quantize_block_rtn(block, 4, "none")
+    calls = {"n": 0}
+
+    def count(_module, _args):
+        calls["n"] += 1
+    quantizers = {m for m in model.modules() if isinstance(m, ActivationQuantizer)}
+    ids = torch.randint(0, 256, (3, 19))
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        counters.clear()
+        with fused_inference(True, ("cpu",)):
+            fused = model(ids).logits
+            model(torch.randint(0, 256, (2, 11)))   # other shapes: the same graphs
+    assert torch.equal(eager, fused)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # activations (plain, rotated: o_proj and down_proj have two widths) and the attention inputs
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_a_shared_quantizer_quantizes_its_input_once_per_group_without_autograd():
+    q = ActivationQuantizer(16, bits=4, consumers=3)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        first = q(x)
+        assert q(x) is first and q(x) is first   # k and v reuse q's quantization ...
+        assert q._last is None                   # ... and nothing is held after the group's last call
+        again = q(x)
+        assert again is not first and torch.equal(again, first)
+        x.mul_(2)                                # a modified input is quantized again
+        assert not torch.equal(q(x), first)
+        y = torch.randn(5, 16)
+        assert torch.equal(q(y), fake_quantize_asymmetric(y, 4))   # another input is not answered from the entry
+    assert q(x) is not q(x)                      # with autograd, every call has its own graph

@@ -362,17 +362,27 @@ def kronecker_factors(n: int, max_inner: int = 128) -> tuple[torch.Tensor | None
             torch.kron(_base_matrix(m), _sylvester(pow2 // inner))), _sylvester(inner)
 
 
-_FACTOR_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TRANSFORM_PLANS: dict[tuple, tuple[tuple[int, torch.Tensor, torch.Tensor], ...]] = {}
 
 
-def _factor(f: int, sylvester: bool, device: torch.device, dtype: torch.dtype):
-    """(H_f, H_f^T) on device/dtype, cached so repeated transforms do not rebuild or copy them."""
-    key = (f, sylvester, device, dtype)
-    hit = _FACTOR_CACHE.get(key)
-    if hit is None:
-        h = (_sylvester(f) if sylvester else _base_matrix(f)).to(device=device, dtype=dtype)
-        hit = _FACTOR_CACHE[key] = (h, h.T.contiguous())
-    return hit
+# Marked constant for torch.compile: a compiled caller (the fused quantizers, quant.py) embeds the factors of its
+# sizes instead of tracing the number theory above, which dynamo would walk through on every compilation (it
+# ignores lru_cache). A plain dict keeps the cache: dynamo would warn about an lru_cache even here.
+@torch.compiler.assume_constant_result
+def _transform_plan(n: int, device: torch.device, dtype: torch.dtype) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+    """The dense factors whose Kronecker product, in this order, is H_n, as (order, H_f, H_f^T) on device/dtype;
+    built once per key, so repeated transforms neither rebuild nor copy them."""
+    key = (n, device, dtype)
+    plan = _TRANSFORM_PLANS.get(key)
+    if plan is None:
+        if not has_hadamard(n):
+            raise _size_error(n)
+        factors = []
+        for f, sylvester in _plan(n):
+            h = (_sylvester(f) if sylvester else _base_matrix(f)).to(device=device, dtype=dtype)
+            factors.append((f, h, h.T.contiguous()))
+        plan = _TRANSFORM_PLANS[key] = tuple(factors)
+    return plan
 
 
 def hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bool = False) -> torch.Tensor:
@@ -380,7 +390,9 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bool = 
     x @ (H_n / sqrt(n))^T, the inverse transform.
 
     n defaults to x.shape[-1]; a smaller n dividing x.shape[-1] applies H_n to each contiguous block of
-    n (block-diagonal kron(I, H_n)). Half/bfloat16 inputs are computed in float32 and cast back.
+    n (block-diagonal kron(I, H_n)). Half/bfloat16 inputs are computed in float32 and cast back. A compiled
+    caller passes n as a Python int (a module's attribute): dynamo traces x's widths as symbols, and the factors
+    of H_n are looked up by the number.
     """
     if not (x.is_floating_point() and not x.is_complex()):
         raise TypeError(f"hadamard_transform needs a real floating tensor, got {x.dtype}")
@@ -388,15 +400,12 @@ def hadamard_transform(x: torch.Tensor, n: int | None = None, transpose: bool = 
     n = width if n is None else _check_size(n)
     if width % n:
         raise ValueError(f"hadamard_transform: last dimension {width} is not a multiple of n={n}")
-    if not has_hadamard(n):
-        raise _size_error(n)
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     y = x.to(compute).reshape(-1, n)
     rows = y.shape[0]
     left, right = 1, n
-    for f, sylvester in _plan(n):
+    for f, h, ht in _transform_plan(n, x.device, compute):
         right //= f
-        h, ht = _factor(f, sylvester, x.device, compute)
         if transpose:  # kron(A, B)^T = kron(A^T, B^T): the same pass with each factor transposed
             h, ht = ht, h
         if right == 1:
@@ -417,5 +426,5 @@ def hadamard_across_groups(x: torch.Tensor, groups: int, transpose: bool = False
     if width % groups:
         raise ValueError(f"hadamard_across_groups: last dimension {width} is not a multiple of groups={groups}")
     blocks = x.reshape(*x.shape[:-1], groups, width // groups).transpose(-1, -2)
-    return hadamard_transform(blocks, transpose=transpose).transpose(-1, -2).reshape(x.shape)
+    return hadamard_transform(blocks, groups, transpose=transpose).transpose(-1, -2).reshape(x.shape)
 

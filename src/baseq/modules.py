@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .hadamard import hadamard_across_groups, hadamard_transform
-from .quant import ActivationQuantizer, KVQuantizer
+from .quant import ActivationQuantizer, KVQuantizer, call_fused, compiled_for_inference, effective_clip
 
 ATTENTION_IMPLEMENTATION = "baseq_sdpa"
 
@@ -63,7 +63,7 @@ class QuantLinear(nn.Module):
         if self.online_head_groups:
             x = hadamard_across_groups(x, self.online_head_groups, transpose)
         if self.online_hadamard:
-            x = hadamard_transform(x, transpose=transpose)
+            x = hadamard_transform(x, self.in_features, transpose=transpose)
         return x
 
     def weight_in_input_basis(self, w: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act_quantizer(self.rotate_input(x))
+        x = self.act_quantizer(x, self.rotate_input if self.has_online_rotation else None)
         act_bias = self.act_quantizer.bias
         if act_bias is not None and not self.activation_bias_fused:
             # W_q Q(S^a x - B) + W_q B as W_q (Q(S^a x - B) + B): the compensation rides on the input, with no
@@ -127,16 +127,26 @@ class AttentionQuantizer(nn.Module):
     q.k unchanged) and the per-head KV-cache quantizers."""
 
     def __init__(self, kv_bits: int, kv_clip: float = 1.0, rotate_qk: bool = False, learn_clip: bool = False,
-                 kv_heads: int | None = None):
+                 kv_heads: int | None = None, head_dim: int | None = None):
         super().__init__()
         self.rotate_qk = rotate_qk
+        self.head_dim = head_dim   # R3's order (None: the last dimension of the queries)
         self.k_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip, kv_heads)
         self.v_quantizer = KVQuantizer(kv_bits, kv_clip, learn_clip, kv_heads)
 
     def forward(self, query, key, value):
-        if self.rotate_qk:
-            query, key = hadamard_transform(query), hadamard_transform(key)
-        return query, self.k_quantizer(key), self.v_quantizer(value)
+        if not self.rotate_qk and self.k_quantizer.bits >= 16 and self.v_quantizer.bits >= 16:
+            return query, key, value
+        clips = effective_clip(self.k_quantizer, torch.float32), effective_clip(self.v_quantizer, torch.float32)
+        return call_fused(_rotate_and_quantize_attention_inputs, key, self, query, key, value, *clips)
+
+
+# R3 and both cache quantizers as one compiled call in inference (quant.fused_inference), not a dozen eager launches
+@compiled_for_inference
+def _rotate_and_quantize_attention_inputs(quantizer: AttentionQuantizer, query, key, value, k_clip, v_clip):
+    if quantizer.rotate_qk:
+        query, key = hadamard_transform(query, quantizer.head_dim), hadamard_transform(key, quantizer.head_dim)
+    return query, quantizer.k_quantizer.quantize_cache(key, k_clip), quantizer.v_quantizer.quantize_cache(value, v_clip)
 
 
 def quantized_sdpa_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):

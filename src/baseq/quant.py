@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import weakref
 
 import torch
 from torch import nn
@@ -182,20 +183,41 @@ def _quantize_activation(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tens
     return quantizer.quantize(x, clip.to(x.dtype))
 
 
+# A layer's online rotation (R4, QuaRot's o_proj Hadamard) is traced into the same graph as its quantizer: the
+# transform's small matmuls and reshapes would otherwise be a dozen eager launches of their own per call.
+def _rotate_and_quantize_activation(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tensor,
+                                    rotation) -> torch.Tensor:
+    return quantizer.quantize(rotation(x), clip.to(x.dtype))
+
+
 def _quantize_kv(quantizer: nn.Module, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     return quantizer.quantize(x, clip.to(x.dtype))
 
 
-# Two functions, so that each kind has dynamo's recompile limit (8 graphs) to itself. Activations come in as
-# [tokens, channels], so the batch size does not matter. The clip (a sigmoid of a learned logit) is computed
-# outside: inductor's sigmoid may round differently from eager's. A kind of quantizer past the limit runs eager.
-_COMPILED = {fn: torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
-             for fn in (_quantize_activation, _quantize_kv)}
+# One compiled function per kind, so that each kind has dynamo's recompile limit (8 graphs) to itself. Activations
+# come in as [tokens, channels], so the batch size does not matter. A clip (a sigmoid of a learned logit) is
+# computed outside: inductor's sigmoid may round differently from eager's. A kind past the limit runs eager.
+_COMPILED: dict = {}
 
 
-def _apply(fn, quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    clip = effective_clip(quantizer, torch.float32)
-    return (_COMPILED[fn] if _runs_fused(x) else fn)(quantizer, x, clip)
+def compiled_for_inference(fn):
+    """Register fn, a quantizer's computation (tensors and modules in, tensors out), to run compiled under fused
+    inference (see call_fused)."""
+    _COMPILED[fn] = torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+    return fn
+
+
+def call_fused(fn, x: torch.Tensor, *args):
+    """fn(*args), compiled where fused inference applies to x (autograd off, a fused device), else eager."""
+    return (_COMPILED[fn] if _runs_fused(x) else fn)(*args)
+
+
+for _fn in (_quantize_activation, _rotate_and_quantize_activation, _quantize_kv):
+    compiled_for_inference(_fn)
+
+
+def _apply(fn, quantizer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    return call_fused(fn, x, quantizer, x, effective_clip(quantizer, torch.float32), *args)
 
 
 class ActivationQuantizer(nn.Module):
@@ -208,12 +230,15 @@ class ActivationQuantizer(nn.Module):
     scaling would leave an uncompensated W_q (1 - S^a) B.) The clip ratio is fixed unless `learn_clip`.
     """
 
-    def __init__(self, dim: int, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False):
+    def __init__(self, dim: int, bits: int, clip_ratio: float = 1.0, learn_clip: bool = False, consumers: int = 1):
         super().__init__()
         self.dim, self.bits = dim, bits
         _register_clip(self, clip_ratio, learn_clip)
         self.bias: nn.Parameter | None = None
         self.scale: nn.Parameter | None = None
+        # the linears that read this quantizer's output (q/k/v: 3); see _reused_output
+        self.consumers = consumers
+        self._last: tuple | None = None
 
     @property
     def enabled(self) -> bool:
@@ -239,10 +264,54 @@ class ActivationQuantizer(nn.Module):
             return x
         return fake_quantize_asymmetric(x, self.bits, clip)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation=None) -> torch.Tensor:
+        """Q(S^a rotation(x) - B); `rotation`, the owning layer's online transform of its input, runs in the same
+        compiled graph as the quantizer where that applies."""
         if not self.enabled and self.scale is None and self.bias is None:
-            return x
-        return _apply(_quantize_activation, self, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+            return x if rotation is None else rotation(x)
+        if rotation is not None:
+            flat = x.reshape(-1, x.shape[-1])
+            return _apply(_rotate_and_quantize_activation, self, flat, rotation).reshape(x.shape)
+        reused = self._reused_output(x)
+        if reused is not None:
+            return reused
+        out = _apply(_quantize_activation, self, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        self._remember(x, out)
+        return out
+
+    @staticmethod
+    def quantized_input(args: tuple) -> torch.Tensor:
+        """The tensor a call quantizes, from its positional arguments (what a forward pre-hook gets): the input, or
+        its rotation where the layer passes one."""
+        x, rotation = args[0], (args[1] if len(args) > 1 else None)
+        return x if rotation is None else rotation(x)
+
+    # Linears that read one tensor (q/k/v, gate/up) share this quantizer, and each calls it: without autograd the
+    # first call's output is kept for the others, so one quantization serves the group, as a kernel would do it.
+    # The entry holds the input weakly and is dropped after the group's last call, so no activation outlives its
+    # layer; it is used only for the same tensor object, unmodified (its version counter), with the quantizer's
+    # own parameters unchanged since. Under autograd (training) every call computes, so each has its own graph.
+    def _reuse_applies(self, x: torch.Tensor) -> bool:
+        return (self.consumers > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not x.is_inference())
+
+    def _state_versions(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x._version, *(p._version for p in self.parameters(recurse=False)),
+                *(b._version for b in self.buffers(recurse=False)))
+
+    def _reused_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._last is None or not self._reuse_applies(x):
+            return None
+        source, versions, out, calls_left = self._last
+        if source() is not x or versions != self._state_versions(x):
+            self._last = None
+            return None
+        self._last = (source, versions, out, calls_left - 1) if calls_left > 1 else None
+        return out
+
+    def _remember(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self._last = ((weakref.ref(x), self._state_versions(x), out, self.consumers - 1)
+                      if self._reuse_applies(x) else None)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bits={self.bits}, clip={effective_clip(self, torch.float32).item():.3f}, " \
@@ -270,6 +339,10 @@ class KVQuantizer(nn.Module):
             return fake_quantize_asymmetric(x, self.bits, clip)
         bias = self.bias.to(x.dtype)[:, None, :]
         return fake_quantize_asymmetric(x - bias, self.bits, clip) + bias
+
+    def quantize_cache(self, x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """What the cache holds for x (x itself at 16 bits); clip: effective_clip(self, torch.float32)."""
+        return x if self.bits >= 16 else self.quantize(x, clip.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= 16:

@@ -26,18 +26,19 @@ def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bit
     with one bias, scale and clip, as a kernel would do it. Learned KV clips are one per KV head with
     `kv_clip_per_head`, else one per quantizer."""
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     for block in family.blocks(model):
         for group in family.sequential_groups():
             first = block.get_submodule(group[0])
             if isinstance(first, QuantLinear):
                 continue
-            quantizer = ActivationQuantizer(first.in_features, a_bits, act_clip, learn_clip)
+            quantizer = ActivationQuantizer(first.in_features, a_bits, act_clip, learn_clip, consumers=len(group))
             for name in group:
                 parent_name, child_name = name.rsplit(".", 1)
                 setattr(block.get_submodule(parent_name), child_name,
                         QuantLinear(block.get_submodule(name), quantizer))
         block.get_submodule(family.attention).attention_quantizer = AttentionQuantizer(
-            kv_bits, kv_clip, rotate_qk, learn_clip, kv_heads if kv_clip_per_head else None)
+            kv_bits, kv_clip, rotate_qk, learn_clip, kv_heads if kv_clip_per_head else None, head_dim)
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
 
 
@@ -104,13 +105,14 @@ def activation_quantization_disabled(model: nn.Module):
 def each_quantizer_input(quantizers: list[nn.Module], callback):
     """Call callback(quantizer, x) once for every tensor x a quantizer receives while the context is open.
     A quantizer shared by several linears (q/k/v, gate/up) is called once per linear with the same tensor;
-    holding that tensor (not its id, which Python reuses) makes the check exact."""
+    holding that tensor (not its id, which Python reuses) makes the check exact. x is what is quantized: after the
+    layer's online rotation, where it has one."""
     last: dict[nn.Module, torch.Tensor] = {}
 
     def hook(module, args):
         if last.get(module) is not args[0]:
             last[module] = args[0]
-            callback(module, args[0])
+            callback(module, ActivationQuantizer.quantized_input(args))
 
     handles = [q.register_forward_pre_hook(hook) for q in quantizers]
     try:
