@@ -137,8 +137,17 @@ class AttentionQuantizer(nn.Module):
     def forward(self, query, key, value):
         if not self.rotate_qk and self.k_quantizer.bits >= 16 and self.v_quantizer.bits >= 16:
             return query, key, value
+        if self._observed():   # calibration watches the cache quantizers' inputs: call them as modules
+            if self.rotate_qk:
+                query, key = hadamard_transform(query, self.head_dim), hadamard_transform(key, self.head_dim)
+            return query, self.k_quantizer(key), self.v_quantizer(value)
         clips = effective_clip(self.k_quantizer, torch.float32), effective_clip(self.v_quantizer, torch.float32)
         return call_fused(_rotate_and_quantize_attention_inputs, key, self, query, key, value, *clips)
+
+    def _observed(self) -> bool:
+        """Whether a hook is on a cache quantizer (BASE-Q's K/V bias init, the error analysis): the one-call path
+        below does not go through their forward, so it would not fire."""
+        return any(q._forward_pre_hooks or q._forward_hooks for q in (self.k_quantizer, self.v_quantizer))
 
 
 # R3 and both cache quantizers as one compiled call in inference (quant.fused_inference), not a dozen eager launches
