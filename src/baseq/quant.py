@@ -310,8 +310,17 @@ class ActivationQuantizer(nn.Module):
         return out
 
     def _remember(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        self._last = ((weakref.ref(x), self._state_versions(x), out, self.consumers - 1)
-                      if self._reuse_applies(x) else None)
+        if not self._reuse_applies(x):
+            self._last = None
+            return
+        entry = self._last = (weakref.ref(x), self._state_versions(x), out, self.consumers - 1)
+        # a forward cut short after the first consumer (a calibration hook's StopForward) must not leave the
+        # output held: the entry goes with its input
+        weakref.finalize(x, self._forget, id(entry[0]))
+
+    def _forget(self, source_id: int) -> None:
+        if self._last is not None and id(self._last[0]) == source_id:
+            self._last = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, bits={self.bits}, clip={effective_clip(self, torch.float32).item():.3f}, " \
