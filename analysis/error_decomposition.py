@@ -301,14 +301,17 @@ def quantizer_linears(family) -> dict[str, str]:
     return {"qkv": family.q_proj, "o": family.o_proj, "gate_up": family.gate_proj, "down": family.down_proj}
 
 
-def _recorder(store: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Keeps (input, what is quantized: the input after the layer's online rotation) per call."""
+def _recorder(store: list[torch.Tensor]):
+    """Appends what each call quantizes (the input after the layer's online rotation, where it has one)."""
+    last_input: list[torch.Tensor] = []
+
     def hook(_module, args):
         # a shared quantizer runs once per reading linear on the same tensor object: keep it once. The very
-        # object is stored (no .detach(), which would make a new one), so the identity check works and is
+        # object is held (no .detach(), which would make a new one), so the identity check works and is
         # safe from id reuse; capture runs under no_grad anyway.
-        if not store or store[-1][0] is not args[0]:
-            store.append((args[0], ActivationQuantizer.quantized_input(args)))
+        if not last_input or last_input[0] is not args[0]:
+            last_input[:] = [args[0]]
+            store.append(ActivationQuantizer.quantized_input(args))
     return hook
 
 
@@ -324,7 +327,7 @@ def iterate_quantizer_inputs(model: nn.Module, family, calib_ids: torch.Tensor, 
     for index, block in iterate_blocks(model, family, device):
         if index > max(wanted):
             break
-        stores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in QUANTIZERS}
+        stores: dict[str, list[torch.Tensor]] = {name: [] for name in QUANTIZERS}
         handles = [block.get_submodule(linear).act_quantizer.register_forward_pre_hook(_recorder(stores[name]))
                    for name, linear in quantizer_linears(family).items()]
         try:
@@ -333,7 +336,7 @@ def iterate_quantizer_inputs(model: nn.Module, family, calib_ids: torch.Tensor, 
             for handle in handles:
                 handle.remove()
         if index in wanted:
-            yield index, {name: torch.cat([t.reshape(-1, t.shape[-1]).float().cpu() for _, t in store])
+            yield index, {name: torch.cat([t.reshape(-1, t.shape[-1]).float().cpu() for t in store])
                           for name, store in stores.items()}
 
 

@@ -138,11 +138,16 @@ class AttentionQuantizer(nn.Module):
         if not self.rotate_qk and self.k_quantizer.bits >= 16 and self.v_quantizer.bits >= 16:
             return query, key, value
         if self._observed():   # calibration watches the cache quantizers' inputs: call them as modules
-            if self.rotate_qk:
-                query, key = hadamard_transform(query, self.head_dim), hadamard_transform(key, self.head_dim)
+            query, key = self.rotate_queries_and_keys(query, key)
             return query, self.k_quantizer(key), self.v_quantizer(value)
         clips = effective_clip(self.k_quantizer, torch.float32), effective_clip(self.v_quantizer, torch.float32)
         return call_fused(_rotate_and_quantize_attention_inputs, key, self, query, key, value, *clips)
+
+    def rotate_queries_and_keys(self, query, key):
+        """R3, where it is on."""
+        if not self.rotate_qk:
+            return query, key
+        return hadamard_transform(query, self.head_dim), hadamard_transform(key, self.head_dim)
 
     def _observed(self) -> bool:
         """Whether a hook is on a cache quantizer (BASE-Q's K/V bias init, the error analysis): the one-call path
@@ -153,8 +158,7 @@ class AttentionQuantizer(nn.Module):
 # R3 and both cache quantizers as one compiled call in inference (quant.fused_inference), not a dozen eager launches
 @compiled_for_inference
 def _rotate_and_quantize_attention_inputs(quantizer: AttentionQuantizer, query, key, value, k_clip, v_clip):
-    if quantizer.rotate_qk:
-        query, key = hadamard_transform(query, quantizer.head_dim), hadamard_transform(key, quantizer.head_dim)
+    query, key = quantizer.rotate_queries_and_keys(query, key)
     return query, quantizer.k_quantizer.quantize_cache(key, k_clip), quantizer.v_quantizer.quantize_cache(value, v_clip)
 
 

@@ -313,13 +313,14 @@ class ActivationQuantizer(nn.Module):
         if not self._reuse_applies(x):
             self._last = None
             return
-        entry = self._last = (weakref.ref(x), self._state_versions(x), out, self.consumers - 1)
+        source = weakref.ref(x)
+        self._last = (source, self._state_versions(x), out, self.consumers - 1)
         # a forward cut short after the first consumer (a calibration hook's StopForward) must not leave the
         # output held: the entry goes with its input
-        weakref.finalize(x, self._forget, id(entry[0]))
+        weakref.finalize(x, self._forget, source)
 
-    def _forget(self, source_id: int) -> None:
-        if self._last is not None and id(self._last[0]) == source_id:
+    def _forget(self, source: weakref.ref) -> None:
+        if self._last is not None and self._last[0] is source:
             self._last = None
 
     def extra_repr(self) -> str:

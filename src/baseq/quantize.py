@@ -18,6 +18,10 @@ from .modules import ATTENTION_IMPLEMENTATION, AttentionQuantizer, QuantLinear
 from .quant import ActivationQuantizer, KVQuantizer, fake_quantize_symmetric, weight_scale
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bits: int, act_clip: float,
                       kv_clip: float, rotate_qk: bool = False, learn_clip: bool = False,
                       kv_clip_per_head: bool = False) -> None:
@@ -26,7 +30,6 @@ def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bit
     with one bias, scale and clip, as a kernel would do it. Learned KV clips are one per KV head with
     `kv_clip_per_head`, else one per quantizer."""
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     for block in family.blocks(model):
         for group in family.sequential_groups():
             first = block.get_submodule(group[0])
@@ -38,7 +41,7 @@ def attach_quantizers(model: nn.Module, family: ModelFamily, a_bits: int, kv_bit
                 setattr(block.get_submodule(parent_name), child_name,
                         QuantLinear(block.get_submodule(name), quantizer))
         block.get_submodule(family.attention).attention_quantizer = AttentionQuantizer(
-            kv_bits, kv_clip, rotate_qk, learn_clip, kv_heads if kv_clip_per_head else None, head_dim)
+            kv_bits, kv_clip, rotate_qk, learn_clip, kv_heads if kv_clip_per_head else None, head_dim_of(model.config))
     model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
 
 

@@ -23,10 +23,10 @@ from ..config import enum_value
 from ..equivalence import BlockTransforms
 from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
 from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
-                        only_quantizers, quant_linears, quantize_block_rtn)
+                        head_dim_of, only_quantizers, quant_linears, quantize_block_rtn)
 from ..precision import float32_matmul_precision
 from ..training import MATMUL_PRECISIONS, ParamGroup, block_mse, mse, train_block
-from .quarot import apply_rotations, head_dim_of
+from .quarot import apply_rotations
 
 
 def _act_quantizers(block: nn.Module) -> list[ActivationQuantizer]:

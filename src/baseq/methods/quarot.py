@@ -11,12 +11,8 @@ import torch
 from ..blockwise import iterate_blocks
 from ..config import enum_value
 from ..hadamard import construction, orthonormal_hadamard, random_hadamard
-from ..quantize import add_online_down_hadamard, add_online_o_hadamard, attach_quantizers
+from ..quantize import add_online_down_hadamard, add_online_o_hadamard, attach_quantizers, head_dim_of
 from ..rotation import fuse_norms_into_linears, rotate_residual, rotate_values, untie_embeddings, weight_pca_basis
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def residual_rotation(model, family, device: torch.device, seed: int, kind: str,
