@@ -65,6 +65,9 @@ declare -A BENCH=(
   # depths (peaks must not grow), BASE-Q's time per 70B block, a 32-block 7B-shaped model end to end
   [l70_quarot]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-70b --layers 2 6 --methods quarot"
   [l70_baseq]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-70b --layers 2 --methods baseq,method.train_precision=tf32"
+  # the peaks at 6 blocks, to set beside l70_baseq's at 2: one epoch a stage (a step's memory does not depend on how
+  # many steps there are), so that 6 blocks fit in a session's device time
+  [l70_baseq_mem6]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-70b --layers 6 --methods baseq,method.train_precision=tf32,method.stage1_epochs=1,method.stage2_epochs=1"
   [l7b_quarot]="$LS data_root=${DATA_ROOT:-} device=cuda --shape llama-2-7b --layers 32 --methods quarot"
 )
 common=(device=cuda "data_root=${DATA_ROOT:-}" "results_dir=$R" "compare_with=[]")

@@ -322,25 +322,28 @@ def test_a_compiled_step_that_fails_falls_back_to_eager_with_the_same_numbers(mo
 
 
 @pytest.mark.parametrize("precision, passes", [("fp32", "highest"), ("tf32", "high")])
-def test_tf32_covers_every_block_pass_but_gptq(monkeypatch, precision, passes):
-    from baseq import blockwise
-    from baseq.methods import baseq as baseq_method
+def test_tf32_covers_every_block_pass_but_gptqs_hessians_and_solve(precision, passes):
+    import traceback
 
-    seen = {"run_block": set(), "gptq": set()}
+    from torch.overrides import TorchFunctionMode
 
-    def recording_run_block(*args, **kwargs):
-        seen["run_block"].add(torch.get_float32_matmul_precision())
-        return blockwise.run_block(*args, **kwargs)
+    matmuls = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.nn.functional.linear}
+    seen = {"block": set(), "gptq.py": set()}
 
-    def recording_gptq(*args, **kwargs):
-        seen["gptq"].add(torch.get_float32_matmul_precision())
-        return gptq_block_original(*args, **kwargs)
+    class MatmulPrecisions(TorchFunctionMode):   # the precision of each matmul of a block pass or of gptq.py
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                stack = traceback.extract_stack()
+                if any(frame.filename.endswith("gptq.py") for frame in stack):
+                    seen["gptq.py"].add(torch.get_float32_matmul_precision())
+                elif any(frame.name == "block_forward" for frame in stack):
+                    seen["block"].add(torch.get_float32_matmul_precision())
+            return func(*args, **(kwargs or {}))
 
-    gptq_block_original = baseq_method.gptq_block
-    monkeypatch.setattr(baseq_method, "run_block", recording_run_block)
-    monkeypatch.setattr(baseq_method, "gptq_block", recording_gptq)
     before = torch.get_float32_matmul_precision()
-    run_baseq(train_precision=precision, train_step="eager")
-    # the fp targets and the next block's inputs at the training's precision; GPTQ at fp32's
-    assert seen == {"run_block": {passes}, "gptq": {"highest"}}
+    with MatmulPrecisions():
+        run_baseq(train_precision=precision, train_step="eager")
+    # the block's passes, the forwards that feed GPTQ included, at the training's precision; what GPTQ computes
+    # from them (the Hessians, the Cholesky factors' use in the column updates) at fp32's
+    assert seen == {"block": {passes}, "gptq.py": {"highest"}}
     assert torch.get_float32_matmul_precision() == before

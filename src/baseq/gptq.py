@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .precision import float32_matmul_precision
 from .quant import quantize_symmetric, weight_scale
 
 
@@ -18,6 +19,7 @@ class HessianAccumulator:
         self.count = 0
         self.normalize_tokens = normalize_tokens
 
+    @float32_matmul_precision("highest")   # whatever the forward that produced x ran at (TF32 training)
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.normalize_tokens:
@@ -29,6 +31,7 @@ class HessianAccumulator:
         self.hessian += x.T @ x
 
 
+@float32_matmul_precision("highest")
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, clip_search: str = "mse",
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False):
     """Quantize `weight` [out, in] column by column, spreading each column's rounding error over the

@@ -11,7 +11,7 @@ import torch
 @contextmanager
 def float32_matmul_precision(precision: str) -> Iterator[None]:
     """"highest": full fp32 matmuls; "high": TF32 tensor cores on a GPU that has them (10-bit mantissa
-    products, fp32 accumulation); the previous setting is restored after."""
+    products, fp32 accumulation); the previous setting is restored after. Also a decorator."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:

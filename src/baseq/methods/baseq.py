@@ -208,8 +208,9 @@ def quantize(model, family, ctx) -> None:
     dtype = next(model.parameters()).dtype
     blocks = family.blocks(model)
     # train_precision=tf32 puts every matmul of the block's passes on TF32: training, its targets, the
-    # diagnostics and the next block's inputs (six no-grad passes over the calibration set; by FLOP count about
-    # 9 s each at fp32's rate on a 70B-shaped block, whose whole step took 181 s). GPTQ stays in fp32.
+    # diagnostics, the next block's inputs and the forwards that feed GPTQ's Hessians (six no-grad passes over
+    # the calibration set plus about two in GPTQ; by FLOP count about 9 s each at fp32's rate on a 70B-shaped
+    # block, whose whole step took 181 s). The Hessians and GPTQ's solve stay in fp32 (gptq.py).
     passes = MATMUL_PRECISIONS.get(enum_value(m.train_precision), "highest")
     last = now()
     for index, block in tqdm(iterate_blocks(model, family, device), total=len(blocks), desc="BASE-Q", unit="block"):
@@ -234,8 +235,7 @@ def quantize(model, family, ctx) -> None:
             block_seconds["stage1"] = now() - start
 
             start = now()
-            with float32_matmul_precision("highest"):
-                quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train], kwargs)
+            quantize_block_weights(block, family, m, q, (x_fp if gptq_inputs == "fp" else x_q)[train], kwargs)
             block_seconds["gptq"] = now() - start
 
             start = now()
