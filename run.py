@@ -61,11 +61,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run(cfg: DictConfig, run_id: str) -> float | None:
-    from baseq import sweep, tracking
-    from baseq.pipeline import run_job, summary_table  # heavy (torch, transformers): after config checks
-
     validate(cfg)
     check_group_choices([f"method={name}" for name in cfg.compare_with], CONF_DIR)
+    from baseq import sweep, tracking
+    from baseq.pipeline import run_job, summary_table  # heavy (torch, transformers): after the config checks
     compare = {name: compose_method(name) for name in cfg.compare_with if name != cfg.method.name}
     parts = sweep.key_parts(cfg)
     key = sweep.key_of(parts)
