@@ -122,7 +122,8 @@ class TrainStep(Enum):
 class TrainPrecision(Enum):
     fp32 = "fp32"                    # the block and every step in float32
     tf32 = "tf32"                    # float32 tensors, the matmuls on TF32 tensor cores (a GPU's; fp32 on a CPU):
-                                     # training and BASE-Q's other block passes (targets, MSEs, next inputs), not GPTQ
+                                     # training and BASE-Q's other block passes (targets, MSEs, next inputs, the
+                                     # forwards feeding GPTQ), not GPTQ's Hessians and solve
     fp16_autocast = "fp16_autocast"  # fp16 autocast, the block kept in fp32, GradScaler (the authors' code)
     bf16_autocast = "bf16_autocast"  # bf16 autocast, the block kept in fp32 (no scaler needed)
 

@@ -19,7 +19,7 @@ class HessianAccumulator:
         self.count = 0
         self.normalize_tokens = normalize_tokens
 
-    @float32_matmul_precision("highest")   # whatever the forward that produced x ran at (TF32 training)
+    @float32_matmul_precision("highest")   # fp32 whatever the forward that produced x ran at (TF32 training)
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if self.normalize_tokens:
