@@ -28,7 +28,8 @@
 # (with data.tgz it is over 64 MiB), call 2 part-01 + env.sh + data.tgz; a piece call takes about a second. A
 # delay between calls lost the machine once (the first piece with it: start again from call 1). `pkill -f` with a
 # pattern that also appears later in the same command line kills that call's own shell (rc -1, no output).
-# The whole session's work fit: zero-shot speed and the 2-block 70B BASE-Q alone, then two jobs together.
+# What fit in 30 device minutes: zero-shot speed and the 2-block 70B BASE-Q alone, then the 6-block 70B peak run
+# beside a Qwen2 BASE-Q eval=full (its zero-shot was cut off); the 32-block 7B run did not fit.
 S=/root/stash; R=/root/results
 mkdir -p $S/qwen
 for d in .stage/part-*; do [ -d "$d" ] && cp -n "$d"/piece.* $S/ 2>/dev/null; done
