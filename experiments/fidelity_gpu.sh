@@ -40,6 +40,9 @@ declare -A JOBS=(
   [q_quarot_no_o]="$Q method=quarot method.o_proj_hadamard=none"
   [q_baseq]="$Q method=baseq $QZ"
   [q_baseq_tf32]="$Q method=baseq method.train_precision=tf32 $QZ"
+  # seed repeats (calibration sample, Hadamard signs, training order): the spread that "within noise" is judged by
+  [q_baseq_s1]="$Q method=baseq seed=1"
+  [q_baseq_s2]="$Q method=baseq seed=2"
   [s_baseq_tf32]="$S method=baseq method.train_precision=tf32"
   [q_baseq_fp_inputs]="$Q method=baseq method.train_inputs=fp method.gptq_inputs=fp"
   [q_baseq_e11]="$Q method=baseq method.stage1_epochs=1 method.stage2_epochs=1"
