@@ -5,7 +5,7 @@
 # Here, once:   PIECE_MB=58 ../shared/tools/gpu-stage --eval [--no-smollm2]   (.stage/part-NN, .stage/env.sh; without
 #               the SmolLM2 wheel the packages are one 20 MB piece)
 #               split the Qwen2 GGUF into .stage/q.NN/ (see gpu-stage --model qwen05 for how it is assembled;
-#               60 MiB pieces: 8, QWEN_PIECES)
+#               50 MiB pieces: 10, QWEN_PIECES; 60 MiB ones no longer fit beside the tracked tree)
 #               tar -C ../shared -czf .stage/data.tgz --exclude=mmlu data
 # Calls:        carry .stage/part-00 + .stage/data.tgz + experiments/..., then one piece a call, each command
 #               starting with `source experiments/device_session.sh`; after the last wheel piece:
@@ -49,7 +49,7 @@ collect() {   # the records and logs so far, as one file under $OUT
 
 qwen_ready() {   # join the Qwen2 GGUF pieces once all have arrived, checking the sha256
   [ -f $S/qwen/model.gguf ] && return 0
-  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-8}" ] || return 1
+  [ "$(ls $S/qwen/q.* 2>/dev/null | wc -l)" = "${QWEN_PIECES:-10}" ] || return 1
   cat $S/qwen/q.* > $S/qwen/model.gguf && \
     echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $S/qwen/model.gguf" | sha256sum -c --quiet - && \
     rm $S/qwen/q.*
