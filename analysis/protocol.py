@@ -2,9 +2,9 @@
 
 A record is run under one of PROTOCOLS, chosen by its device (record["protocol"]: `full` on a GPU, the
 paper's sizes; `cpu-preset` on a CPU, the quick sizes): the `${by_device:${device},<cpu>,<gpu>}` values in
-conf/ and in the schemas of src/baseq/config.py. It counts as that protocol only when its resolved config
-equals the protocol's defaults in everything that can change a number; otherwise it is `custom`, with the
-keys that differ as the reason (e.g. "method.stage1_epochs=1 (full: 3)").
+conf/ and in the schemas (src/baseq/config.py, the methods' own in src/baseq/methods/). It counts as that
+protocol only when its resolved config equals the protocol's defaults in everything that can change a
+number; otherwise it is `custom`, with the keys that differ as the reason (e.g. "method.stage1_epochs=1 (full: 3)").
 
 The defaults are composed from conf/ with Hydra's compose API for the record's own model, method, quant and
 eval choices, with each by_device value taken for the protocol. Every key is compared except NEUTRAL_KEYS

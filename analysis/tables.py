@@ -47,14 +47,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from analysis.protocol import CUSTOM, PROTOCOLS, classify
+from baseq.methods import METHODS
 
 TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "openbookqa", "piqa", "social_iqa",
          "winogrande")
 TASK_LABELS = ("ARC-c", "ARC-e", "BoolQ", "HellaS.", "Lam.", "OBQA", "PIQA", "SIQA", "WinoG.")
 TABLE1_METHODS = ("fp", "quarot", "spinquant", "ostquant", "baseq")
 BASELINES = ("quarot", "spinquant", "ostquant")
-METHOD_LABELS = {"fp": "Full precision", "rtn": "RTN", "quarot": "QuaRot", "spinquant": "SpinQuant",
-                 "ostquant": "OSTQuant", "baseq": "BASE-Q"}
+# A method's label is the one it registers (baseq.methods); these are for the paper's methods this checkout
+# does not have yet, whose reference numbers the tables show all the same. A registered label wins.
+PAPER_METHOD_LABELS = {"spinquant": "SpinQuant", "ostquant": "OSTQuant"}
 ABLATION_PREFIX = "baseq_ablation"
 # The paper's Table 2, top to bottom: each rung adds one component to the one above.
 LADDER = ("quarot", "rv", "rv_bias", "rv_bias_ascale", "full")
@@ -314,7 +316,9 @@ def method_label(method: str) -> str:
     if method.startswith(ABLATION_PREFIX + "/"):
         rung = method.split("/", 1)[1]
         return LADDER_LABELS.get(rung, rung)
-    return METHOD_LABELS.get(method, method)
+    if method in METHODS:
+        return METHODS[method].label
+    return PAPER_METHOD_LABELS.get(method, method)
 
 
 UNCERTAIN_NOTE = ("? = uncertain transcription of the paper (analysis/paper_reference.csv); blank = no run / not "

@@ -1,7 +1,7 @@
 """Measure what baseq.planning predicts: the peak device memory of each phase of a real calibration run, on
 a random-weight model of a preset's shape (no checkpoint needed), next to the plan's numbers.
 
-The method's real code runs (pipeline-free: methods.METHODS[algorithm] with a MethodContext, random
+The method's real code runs (pipeline-free: methods.METHODS[algorithm].quantize with a MethodContext, random
 calibration ids, then evaluation.perplexity.window_nlls on random windows). The phase functions are wrapped
 where the method looks them up, and at each entry and exit the CUDA peak since the last boundary is charged
 to the innermost open phase, then reset. Per-block times are taken at the same boundaries (synchronized).
@@ -140,7 +140,7 @@ def main() -> None:
                         calib_batch_size=cfg["calib"]["batch_size"])
 
     meter = PhaseMeter(device)
-    import baseq.methods.baseq as baseq_method
+    import baseq.methods.baseq.steps as baseq_method
     import baseq.methods.quarot as quarot_method
     import baseq.quantize as quantize_module
 
@@ -159,7 +159,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    METHODS[cfg["method"]["algorithm"]](model, family, ctx)
+    METHODS[cfg["method"]["algorithm"]].quantize(model, family, ctx)
     meter.boundary()
     quantize_seconds = time.perf_counter() - start
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baseq.config import BaseQConfig, GPTQConfig, LearningRates, QuantConfig, register_configs
+from baseq.config import QuantConfig, register_configs
 from baseq.equivalence import BlockTransforms
 from baseq.methods import METHODS
+from baseq.methods.base import GPTQConfig
+from baseq.methods.baseq import BaseQConfig, LearningRates
 from baseq.methods.base import MethodContext
 from baseq.methods.quarot import apply_rotations
 from baseq.models.families import family_of
@@ -95,7 +97,7 @@ def run_baseq(seed=0, **overrides):
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(1))
     ctx = make_ctx(ids, stage1_epochs=2, stage2_epochs=2, train_batch_size=1, **overrides)
     torch.manual_seed(seed)
-    METHODS["baseq"](model, family_of(model), ctx)
+    METHODS["baseq"].quantize(model, family_of(model), ctx)
     return model, ids, ctx.report
 
 
@@ -146,7 +148,7 @@ def test_more_epochs_lower_the_training_loss_and_heldout_windows_are_reported():
         torch.manual_seed(123)
         model = tiny_llama(hidden=64, ffn=192, heads=4, kv_heads=2, layers=1, dtype=torch.float32)
         ctx = make_ctx(ids, stage1_epochs=epochs, stage2_epochs=epochs, train_batch_size=1, heldout_samples=2)
-        METHODS["baseq"](model, family_of(model), ctx)
+        METHODS["baseq"].quantize(model, family_of(model), ctx)
         reports[epochs] = ctx.report["blocks"][0]
     assert reports[4]["final_mse_fp_inputs"] < reports[1]["final_mse_fp_inputs"]
     for entry in reports.values():
@@ -179,7 +181,7 @@ def test_authors_recipe_runs_and_says_what_it_could_not_apply():
     model = tiny_llama(hidden=48, ffn=192, heads=3, kv_heads=1, layers=1, dtype=torch.float32)
     ctx = make_ctx(torch.randint(0, 256, (2, 16)), stage1_epochs=1, stage2_epochs=1, train_batch_size=1,
                    residual_rotation="hadamard_unsigned", o_proj_hadamard="cross_heads")
-    METHODS["baseq"](model, family_of(model), ctx)
+    METHODS["baseq"].quantize(model, family_of(model), ctx)
     notes = ctx.report["notes"]
     assert any("no Sylvester Hadamard of order 48" in n and "H_12 (x) H_4" in n for n in notes)
     assert any("no Hadamard of order 3" in n for n in notes)

@@ -10,11 +10,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import baseq.methods.baseq as baseq_method
+import baseq.methods.baseq.steps as baseq_steps
 from baseq import planning
-from baseq.config import BaseQConfig, QuantConfig, register_configs
+from baseq.config import QuantConfig, register_configs
 from baseq.errors import UserError
 from baseq.methods import METHODS
+from baseq.methods.baseq import BaseQConfig
 from baseq.methods.base import MethodContext
 from baseq.models.families import family_of
 from baseq.training import TrainingLog
@@ -62,14 +63,14 @@ def test_trained_parameter_counts_are_what_baseq_hands_the_optimizer(monkeypatch
         handed.append({g.name: sum(p.numel() for p in g.params) for g in groups})
         return TrainingLog([])
 
-    monkeypatch.setattr(baseq_method, "train_block", record_groups)
+    monkeypatch.setattr(baseq_steps, "train_block", record_groups)
     model = tiny_llama(hidden=64, ffn=160, heads=4, kv_heads=2, layers=2, dtype=torch.float32)
     method = OmegaConf.structured(BaseQConfig(name="baseq", algorithm="baseq", stage1_epochs=1, stage2_epochs=1,
                                               train_batch_size=2, **overrides))
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     ctx = MethodContext(method=method, quant=OmegaConf.structured(QuantConfig(name="w4a4kv4", w_clip_search="none")),
                         device=torch.device("cpu"), seed=0, load_calibration=lambda: ids)
-    METHODS["baseq"](model, family_of(model), ctx)
+    METHODS["baseq"].quantize(model, family_of(model), ctx)
 
     planned = planning.baseq_trained_parameters(planning.ModelShape(**TINY),
                                                 OmegaConf.to_container(method, resolve=True, enum_to_str=True))

@@ -9,9 +9,10 @@ from omegaconf import OmegaConf
 
 pytest.importorskip("triton")
 
-from baseq.config import BaseQConfig, MethodConfig, QuantConfig  # noqa: E402
+from baseq.config import MethodConfig, QuantConfig  # noqa: E402
 from baseq.errors import UserError  # noqa: E402
 from baseq.methods import METHODS  # noqa: E402
+from baseq.methods.baseq import BaseQConfig  # noqa: E402
 from baseq.methods.base import MethodContext  # noqa: E402
 from baseq.models.families import family_of  # noqa: E402
 from baseq.runtime import (KV4AttentionQuantizer, PackedInputQuantizer, W4A4Linear, convert_to_w4a4,  # noqa: E402
@@ -28,7 +29,7 @@ def quantized(method: str, model, bits: int = 4, **overrides):
     qcfg = OmegaConf.structured(QuantConfig(name=f"w{bits}a{bits}kv{bits}", w_bits=bits, a_bits=bits, kv_bits=bits,
                                             w_clip_search="none"))
     ctx = MethodContext(method=mcfg, quant=qcfg, device=torch.device("cpu"), seed=0, load_calibration=lambda: ids)
-    METHODS[method](model, family_of(model), ctx)
+    METHODS[method].quantize(model, family_of(model), ctx)
     return model, ids
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from baseq.config import BaseQConfig, MethodConfig, QuantConfig, ModelConfig
+from baseq.config import MethodConfig, QuantConfig, ModelConfig
 from baseq.errors import UserError
 from baseq.methods import METHODS
+from baseq.methods.baseq import BaseQConfig
 from baseq.methods.base import MethodContext
 from baseq.models.families import family_of
 from baseq.quant import ActivationQuantizer, KVQuantizer
@@ -36,7 +37,7 @@ def quantized_tiny_llama(method: str):
     calibration = torch.randint(0, len(tokenizer), (4, 32))
     ctx = MethodContext(method=method_config(method), quant=OmegaConf.structured(QuantConfig(name="w4a4kv4",
                         w_clip_search="none")), device=torch.device("cpu"), seed=0, load_calibration=lambda: calibration)
-    METHODS[method](model, family, ctx)
+    METHODS[method].quantize(model, family, ctx)
     return model, tokenizer, ctx
 
 

@@ -1,6 +1,8 @@
-"""Typed configuration. Every Hydra config group has a dataclass schema here; the YAML files under conf/
-extend these schemas, so a misspelled key or an out-of-range value fails at composition time, before any
-model loads, with OmegaConf's message naming the key (and, for enums, the valid values)."""
+"""Typed configuration. Every Hydra config group has a dataclass schema here, except the methods': the
+generic MethodConfig is in baseq/methods/base.py and each method's own schema in its module, registered in
+baseq/methods/registry.py. The YAML files under conf/ extend these schemas, so a misspelled key or an
+out-of-range value fails at composition time, before any model loads, with OmegaConf's message naming the
+key (and, for enums, the valid values)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import UserError
 from .evaluation.zeroshot import ZERO_SHOT_TASKS
+# enum_value is imported from here by much of the package; it lives with MethodConfig, which the methods share
+from .methods.base import MethodConfig, enum_value
+from .methods.registry import METHODS
 
 
 class Device(Enum):
@@ -32,11 +37,6 @@ class DType(Enum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
-
-
-class WeightAlgorithm(Enum):
-    gptq = "gptq"
-    rtn = "rtn"
 
 
 class WeightClipSearch(Enum):
@@ -67,130 +67,6 @@ class QuantConfig:
     a_bits: int = 4
     kv_bits: int = 4
     w_clip_search: WeightClipSearch = WeightClipSearch.mse
-
-
-@dataclass
-class GPTQConfig:
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = False
-    # divide every token by its RMS before it enters the Hessian (the BASE-Q authors' code; not standard GPTQ)
-    normalize_tokens: bool = False
-    # GPTQ on the first N calibration windows (the BASE-Q authors: 128 of their 256); null or more than there
-    # are: all of them
-    nsamples: Optional[int] = None
-
-
-class ResidualRotation(Enum):
-    hadamard = "hadamard"                    # random Hadamard H D (QuaRot)
-    hadamard_unsigned = "hadamard_unsigned"  # H without random signs (the BASE-Q authors' plain Sylvester)
-    pca_hadamard = "pca_hadamard"            # weight-PCA basis, then the random Hadamard (the paper's Eq. 13)
-
-
-class BlockInputs(Enum):
-    fp = "fp"                  # the full-precision model's activations
-    quantized = "quantized"    # the quantized model's own activations
-
-
-class OProjHadamard(Enum):
-    none = "none"                # BASE-Q's Figure 4: only the per-head R2 at the o_proj input
-    cross_heads = "cross_heads"  # QuaRot's code: an online Hadamard across heads (full where heads have none)
-    full = "full"                # one online Hadamard of the whole o_proj input
-
-
-class ValueRotationInit(Enum):
-    hadamard = "hadamard"      # R_v starts at the per-head Hadamard R2 (the paper)
-    identity = "identity"      # R_v starts at I and no R2 is fused (the authors' code, in effect)
-
-
-class Stage1Quantizers(Enum):
-    all = "all"                # every activation and KV quantizer on while stage 1 trains
-    down_proj = "down_proj"    # only the down_proj input quantized in stage 1, KV off (the authors' code)
-
-
-class BlockLoss(Enum):
-    mse = "mse"                                    # MSE of the block output, as the paper
-    token_normalized_mse = "token_normalized_mse"  # each token's squared error over its fp output's energy
-
-
-class TrainStep(Enum):
-    auto = "auto"              # compiled on CUDA, eager elsewhere
-    eager = "eager"
-    compiled = "compiled"      # torch.compile of the block's forward and backward
-
-
-class TrainPrecision(Enum):
-    fp32 = "fp32"                    # the block and every step in float32
-    tf32 = "tf32"                    # float32 tensors, the matmuls on TF32 tensor cores (a GPU's; fp32 on a CPU):
-                                     # training and BASE-Q's other block passes (targets, MSEs, next inputs, the
-                                     # forwards feeding GPTQ), not GPTQ's Hessians and solve
-    fp16_autocast = "fp16_autocast"  # fp16 autocast, the block kept in fp32, GradScaler (the authors' code)
-    bf16_autocast = "bf16_autocast"  # bf16 autocast, the block kept in fp32 (no scaler needed)
-
-
-@dataclass
-class MethodConfig:
-    name: str = MISSING        # the label in records and tables (e.g. baseq_ablation/rv)
-    algorithm: str = MISSING   # the registry key in baseq.methods.METHODS
-    rotate: bool = False
-    weights: WeightAlgorithm = WeightAlgorithm.rtn
-    act_clip_ratio: float = 1.0
-    kv_clip_ratio: float = 1.0
-    o_proj_hadamard: OProjHadamard = OProjHadamard.none
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-
-
-@dataclass
-class LearningRates:
-    scale: float = 1e-2
-    clip: float = 1e-2
-    bias: float = 1e-3
-    rotation: float = 3e-3
-    # cosine decay to this absolute rate, shared by every group (the authors: 3e-5 and 3e-6);
-    # null: each group decays to 1% of its own rate
-    eta_min_stage1: Optional[float] = None
-    eta_min_stage2: Optional[float] = None
-
-
-@dataclass
-class BaseQConfig(MethodConfig):
-    """BASE-Q (DESIGN.md section 5). Defaults are the full method with the paper's hyperparameters."""
-    rotate: bool = True
-    weights: WeightAlgorithm = WeightAlgorithm.gptq
-    act_clip_ratio: float = 0.9      # initial value when learn_clip
-    kv_clip_ratio: float = 0.95
-    residual_rotation: ResidualRotation = ResidualRotation.hadamard
-    learn_rv: bool = True
-    rv_per_kv_head: bool = True
-    rv_init: ValueRotationInit = ValueRotationInit.hadamard
-    bias: bool = True
-    bias_init: str = "mean"          # mean | zero
-    kv_bias: bool = False
-    unpaired_scale: bool = True
-    paired_scale: bool = True
-    learn_clip: bool = True
-    kv_clip_per_head: bool = True    # a learned KV clip per KV head (else one per quantizer)
-    # the paper's 3 and 5 epochs; the quick CPU preset trains one epoch per stage
-    stage1_epochs: int = "${by_device:${device},1,3}"  # type: ignore[assignment]
-    stage2_epochs: int = "${by_device:${device},1,5}"  # type: ignore[assignment]
-    stage1_quantizers: Stage1Quantizers = Stage1Quantizers.all
-    train_batch_size: int = 4        # not given in the paper
-    loss: BlockLoss = BlockLoss.mse
-    # Inputs of block l while training and for its GPTQ Hessians: the full-precision model's activations or
-    # the quantized model's own (blocks 0..l-1 quantized). Targets are always the fp block on fp inputs.
-    # The paper does not say; "quantized" is the default by measurement (docs/results.md).
-    train_inputs: BlockInputs = BlockInputs.quantized
-    gptq_inputs: BlockInputs = BlockInputs.quantized
-    # the last N calibration windows are not trained on; the record gives each block's MSE on them
-    heldout_samples: int = 0
-    # how a training step runs: the same numbers up to floating-point reassociation, compiled is faster on
-    # a GPU (small blocks are bound by kernel launches) and slow to start on a CPU
-    train_step: TrainStep = TrainStep.auto
-    # fp32 as the paper's reading; the autocast modes run the matmuls in 16 bit (faster; other numbers).
-    # With fp16 a GradScaler skips steps whose gradients overflow; steps with a non-finite loss are counted
-    # in the record (stage*_nonfinite_steps) and left out of the epoch's mean loss.
-    train_precision: TrainPrecision = TrainPrecision.fp32
-    lr: LearningRates = field(default_factory=LearningRates)
 
 
 @dataclass
@@ -292,7 +168,8 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="method", name="method_schema", node=MethodConfig)
-    cs.store(group="method", name="baseq_schema", node=BaseQConfig)
+    for method in METHODS.values():   # each method's own: baseq_schema, ... (fp_schema etc. = method_schema)
+        cs.store(group="method", name=method.schema_name, node=method.schema)
     cs.store(group="quant", name="quant_schema", node=QuantConfig)
     cs.store(group="calib", name="calib_schema", node=CalibConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
@@ -301,8 +178,6 @@ def register_configs() -> None:
 
 def validate(cfg) -> None:
     """Checks that span fields or need more than a type; run before anything heavy happens."""
-    from .methods import METHODS
-
     resolve_device(cfg.device)  # first: the by_device presets below resolve through it
     for key in ("w_bits", "a_bits", "kv_bits"):
         bits = cfg.quant[key]
@@ -326,45 +201,18 @@ def validate(cfg) -> None:
             raise UserError(f"eval.zeroshot.limit={cfg.eval.zeroshot.limit} must be >= 1, or null for every document")
         if cfg.eval.zeroshot.batch_size < 1:
             raise UserError(f"eval.zeroshot.batch_size={cfg.eval.zeroshot.batch_size} must be >= 1")
-    if cfg.method.algorithm not in METHODS:
-        raise UserError(f"method.algorithm={cfg.method.algorithm!r} is not registered; available: "
-                        f"{', '.join(sorted(METHODS))}")
-    if "bias_init" in cfg.method and cfg.method.bias_init not in ("mean", "zero"):
-        raise UserError(f"method.bias_init={cfg.method.bias_init!r}; use 'mean' or 'zero'")
-    if cfg.method.get("learn_clip") and cfg.method.get("stage1_epochs", 0) + cfg.method.get("stage2_epochs", 0) > 0:
-        for key in ("act_clip_ratio", "kv_clip_ratio"):
-            if cfg.method[key] >= 1:
-                raise UserError(f"method.{key}={cfg.method[key]} with learn_clip=true: a learned clip is a sigmoid "
-                                f"and must start below 1; use e.g. 0.9, or learn_clip=false")
-    if cfg.method.get("heldout_samples", 0):
-        held, n = cfg.method.heldout_samples, cfg.calib.nsamples
-        if not 0 <= held < n:
-            raise UserError(f"method.heldout_samples={held} must be in [0, calib.nsamples={n})")
-    # method-specific keys are checked only where the method has them
-    for key, value in (cfg.method.lr.items() if "lr" in cfg.method else ()):
-        if value is not None and not value > 0:
-            raise UserError(f"method.lr.{key}={value} must be > 0")
-    for key in ("stage1_epochs", "stage2_epochs"):
-        if key in cfg.method and cfg.method[key] < 0:
-            raise UserError(f"method.{key}={cfg.method[key]} must be >= 0 (0 skips the stage)")
-    sizes = []   # calib.batch_size is checked with the other calib sizes above
-    if "train_batch_size" in cfg.method:
-        sizes.append(("method.train_batch_size", cfg.method.train_batch_size))
-    if cfg.eval.ppl is not None:
-        sizes.append(("eval.ppl.batch_size", cfg.eval.ppl.batch_size))
-    for key, value in sizes:
-        if value < 1:
-            raise UserError(f"{key}={value} must be >= 1")
-    if "gptq" in cfg.method:
-        if not cfg.method.gptq.damp > 0:
-            raise UserError(f"method.gptq.damp={cfg.method.gptq.damp} must be > 0 (GPTQ's Hessian dampening, "
-                            f"a fraction of its mean diagonal; 0.01 is the usual value)")
-        if cfg.method.gptq.block_size < 1:
-            raise UserError(f"method.gptq.block_size={cfg.method.gptq.block_size} must be >= 1")
-        nsamples = cfg.method.gptq.nsamples
-        if nsamples is not None and nsamples < 1:
-            raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
-                            f"or null for all of them")
+    if cfg.eval.ppl is not None and cfg.eval.ppl.batch_size < 1:
+        raise UserError(f"eval.ppl.batch_size={cfg.eval.ppl.batch_size} must be >= 1")
+    if not cfg.method.gptq.damp > 0:
+        raise UserError(f"method.gptq.damp={cfg.method.gptq.damp} must be > 0 (GPTQ's Hessian dampening, "
+                        f"a fraction of its mean diagonal; 0.01 is the usual value)")
+    if cfg.method.gptq.block_size < 1:
+        raise UserError(f"method.gptq.block_size={cfg.method.gptq.block_size} must be >= 1")
+    nsamples = cfg.method.gptq.nsamples
+    if nsamples is not None and nsamples < 1:
+        raise UserError(f"method.gptq.nsamples={nsamples} must be >= 1 (the first N calibration windows), "
+                        f"or null for all of them")
+    validate_method(cfg)
     if cfg.get("load_quantized"):
         from .saving import read_manifest
 
@@ -374,9 +222,20 @@ def validate(cfg) -> None:
                             f"already; drop one of the two")
 
 
-def enum_value(value: Any) -> str:
-    """The plain string of a config enum (OmegaConf returns Enum members for typed fields)."""
-    return value.value if isinstance(value, Enum) else str(value)
+def validate_method(cfg) -> None:
+    """method.algorithm names a registered method, the method config is built on that method's schema, and
+    the method's own checks (its registered validate) pass."""
+    name = cfg.method.algorithm
+    if name not in METHODS:
+        raise UserError(f"method.algorithm={name!r} is not registered; available: {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+    built_on = OmegaConf.get_type(cfg.method)
+    if not (isinstance(built_on, type) and issubclass(built_on, method.schema)):
+        raise UserError(f"method.algorithm={name} needs its schema: start the method's yaml with "
+                        f"`defaults: [{method.schema_name}, _self_]` (this one is built on "
+                        f"{getattr(built_on, '__name__', built_on)})")
+    if method.validate is not None:
+        method.validate(cfg)
 
 
 GROUPS = ("model", "method", "quant", "calib", "eval", "launcher", "logger", "experiment")

@@ -63,7 +63,7 @@ def apply_method(model, family, tokenizer, cfg: DictConfig, method_cfg: DictConf
     ctx = MethodContext(method=method_cfg, quant=cfg.quant, device=device, seed=cfg.seed,
                         load_calibration=_calibration_loader(cfg, tokenizer, sources),
                         calib_batch_size=cfg.calib.batch_size)
-    METHODS[method_cfg.algorithm](model, family, ctx)
+    METHODS[method_cfg.algorithm].quantize(model, family, ctx)
     return ctx.report
 
 

@@ -253,7 +253,7 @@ def non_block_weights(shape: ModelShape, dtype_bytes: int, head_untied: bool) ->
 
 
 def baseq_trained_parameters(shape: ModelShape, m: dict) -> dict[str, dict[str, int]]:
-    """{stage: {group: parameter count}}: what methods.baseq.train_stage1/train_stage2 hand train_block
+    """{stage: {group: parameter count}}: what methods.baseq.steps.train_stage1/train_stage2 hand train_block
     for one block, group by group.
     stage 1: the paired scales of equivalence.BlockTransforms (v->o: kv_heads * head_dim, up->down:
       intermediate), R_v (HeadRotations: one head_dim x head_dim matrix per KV head, or one), and the
@@ -338,7 +338,7 @@ STAGE1_COPIES_PER_TRANSFORMED_WEIGHT = 2
 
 
 def stage1_weight_workspace(shape: ModelShape, m: dict) -> int:
-    """Stage 1 only (methods.baseq.train_stage1): the fake-quantized weights of every linear, saved for the
+    """Stage 1 only (methods.baseq.steps.train_stage1): the fake-quantized weights of every linear, saved for the
     backward, and the transformed v/o/up/down weights of equivalence.BlockTransforms with their gradients."""
     shapes = shape.linear_shapes()
     transformed = 0
@@ -351,7 +351,7 @@ def stage1_weight_workspace(shape: ModelShape, m: dict) -> int:
 
 
 def bias_means_fp64_copy(shape: ModelShape, batch_size: int, seqlen: int) -> int:
-    """methods.baseq.input_channel_means: each quantizer input of a micro-batch is summed in float64; the
+    """methods.baseq.steps.input_channel_means: each quantizer input of a micro-batch is summed in float64; the
     widest (down_proj's, intermediate-sized) copy is the largest."""
     return batch_size * seqlen * _largest_input(shape) * FP64
 
@@ -429,7 +429,7 @@ def eval_hidden_states(shape: ModelShape, dtype_bytes: int, windows: int, seqlen
 
 
 def baseq_calibration_activations(moment: str, dtype_bytes: int, n: int, seqlen: int, hidden: int) -> list[Term]:
-    """The [nsamples, seqlen, hidden] tensors of methods.baseq.quantize that stay alive through a moment of
+    """The [nsamples, seqlen, hidden] tensors of methods.baseq.steps.quantize that stay alive through a moment of
     the block loop, from the second block on (the first has no previous block's outputs). moment: "stage"
     (training steps, and the passes inside the stages), "gptq", or "loop pass" (the passes of the loop
     itself: y_fp at its top, the final MSE and y_q at its end).
@@ -486,7 +486,7 @@ class RunFacts:
 
     @property
     def train_step(self) -> str:
-        """method.train_step as methods.baseq.train_step resolves it (auto: compiled on CUDA)."""
+        """method.train_step as methods.baseq.steps.train_step resolves it (auto: compiled on CUDA)."""
         step = self.method.get("train_step", "auto")
         return step if step != "auto" else ("compiled" if self.device_type == "cuda" else "eager")
 
@@ -546,7 +546,7 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
         return phases
     if facts.algorithm != "baseq":
         raise UserError(f"no memory model for method.algorithm={facts.algorithm!r}; planned: fp, rtn, quarot, baseq")
-    # BASE-Q (methods.baseq.quantize): every block computes in fp32 (block.float())
+    # BASE-Q (methods.baseq.steps.quantize): every block computes in fp32 (block.float())
     n_train = n - m.get("heldout_samples", 0)
     batch = m.get("train_batch_size", 1)
     block = Term("block_weights", block_weights(shape, FP32), "fp32 (block.float())")
@@ -564,7 +564,7 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
                           n * seqlen * d * FP32, forward)
     if "stage2" in trained and (m.get("bias") or m.get("kv_bias")) and m.get("bias_init", "mean") == "mean":
         # only its last micro-batch: its concatenation is the loop passes' one, with fewer tensors around
-        phases += pass_phases("stage 2 bias means", "methods.baseq.input_channel_means", stage_resident,
+        phases += pass_phases("stage 2 bias means", "methods.baseq.steps.input_channel_means", stage_resident,
                               n_train * seqlen * d * FP32, forward,
                               [Term("bias_means_fp64_copy", bias_means_fp64_copy(shape, batch, seqlen), "float64")])[:1]
     for stage, label in (("stage1", "stage 1 training steps"), ("stage2", "stage 2 training steps")):
@@ -579,13 +579,13 @@ def calibration_phases(shape: ModelShape, facts: RunFacts) -> list[Phase]:
                       f"{batch} x {seqlen} tokens, fp32, {facts.train_step} step")]
         if stage == "stage1":
             terms.append(Term("stage1_weight_workspace", stage1_weight_workspace(shape, m), "fp32"))
-        phases.append(Phase(label, f"methods.baseq.train_{stage} -> training.train_block", terms))
+        phases.append(Phase(label, f"methods.baseq.steps.train_{stage} -> training.train_block", terms))
     gptq_resident = [non_block, block,
                      _activation_term(baseq_calibration_activations("gptq", a, n, seqlen, d))]
     if weights == "gptq":
         phases += _gptq_phases(gptq_resident, shape, clip_search, forward, batch, seqlen)
     else:
-        phases.append(Phase("RTN weights", "methods.baseq.quantize_block_weights -> quantize.quantize_block_rtn",
+        phases.append(Phase("RTN weights", "methods.baseq.steps.quantize_block_weights -> quantize.quantize_block_rtn",
                             [*gptq_resident,
                              Term("rtn_weight_workspace", rtn_weight_workspace(shape, clip_search), "fp32")]))
     return phases

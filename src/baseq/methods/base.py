@@ -1,19 +1,66 @@
-"""What a method receives. A method is a function `quantize(model, family, ctx)` that edits the model in
-place; it is registered in baseq.methods.METHODS under its config name."""
+"""What every method shares: the generic method schema (MethodConfig, which a method's own schema extends)
+and what a method's quantize(model, family, ctx) receives (MethodContext).
+
+Nothing here imports torch, the big config module or any method: config.py and every method module import
+this one (config composition must not load torch; see registry.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import logging
 
-import torch
+from omegaconf import MISSING
 
-from ..config import enum_value
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("baseq")
+
+
+def enum_value(value: Any) -> str:
+    """The plain string of a config enum (OmegaConf returns Enum members for typed fields)."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+class WeightAlgorithm(Enum):
+    gptq = "gptq"
+    rtn = "rtn"
+
+
+class OProjHadamard(Enum):
+    none = "none"                # BASE-Q's Figure 4: only the per-head R2 at the o_proj input
+    cross_heads = "cross_heads"  # QuaRot's code: an online Hadamard across heads (full where heads have none)
+    full = "full"                # one online Hadamard of the whole o_proj input
+
+
+@dataclass
+class GPTQConfig:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    # divide every token by its RMS before it enters the Hessian (the BASE-Q authors' code; not standard GPTQ)
+    normalize_tokens: bool = False
+    # GPTQ on the first N calibration windows (the BASE-Q authors: 128 of their 256); null or more than there
+    # are: all of them
+    nsamples: Optional[int] = None
+
+
+@dataclass
+class MethodConfig:
+    """The keys every method config has (stored as method/method_schema). A method with keys of its own
+    subclasses it; the subclass is stored as method/<name>_schema (config.register_configs)."""
+    name: str = MISSING        # the label in records and tables (e.g. baseq_ablation/rv)
+    algorithm: str = MISSING   # the registered method that runs (baseq.methods.registry.METHODS)
+    rotate: bool = False
+    weights: WeightAlgorithm = WeightAlgorithm.rtn
+    act_clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
+    o_proj_hadamard: OProjHadamard = OProjHadamard.none
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
 
 @dataclass

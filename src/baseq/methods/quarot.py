@@ -4,15 +4,16 @@ the heads at the o_proj input; then GPTQ or RTN weights."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+from .base import MethodConfig, enum_value
+from .registry import register
 
-from ..blockwise import iterate_blocks
-from ..config import enum_value
-from ..hadamard import construction, orthonormal_hadamard, random_hadamard
-from ..quantize import add_online_down_hadamard, add_online_o_hadamard, attach_quantizers, head_dim_of
-from ..rotation import fuse_norms_into_linears, rotate_residual, rotate_values, untie_embeddings, weight_pca_basis
+if TYPE_CHECKING:
+    import torch
+
+# torch and the model code are imported inside the functions: config composition imports this module for its
+# registration and must not load them (registry.py)
 
 
 def residual_rotation(model, family, device: torch.device, seed: int, kind: str,
@@ -20,6 +21,9 @@ def residual_rotation(model, family, device: torch.device, seed: int, kind: str,
     """R1 (x -> x R1): a random Hadamard H D; "hadamard_unsigned": H alone (the BASE-Q authors' Sylvester
     matrix, which exists only for powers of two: other sizes get this project's Kronecker construction, and
     the run says so); "pca_hadamard": the weight-PCA basis followed by the random Hadamard, x -> x U H^T."""
+    from ..hadamard import construction, orthonormal_hadamard, random_hadamard
+    from ..rotation import weight_pca_basis
+
     d = model.config.hidden_size
     if kind == "hadamard":
         return random_hadamard(d, seed)
@@ -39,6 +43,11 @@ def apply_rotations(model, family, device: torch.device, seed: int, residual: st
     """Fuse norms, then R1, R2 (Hadamard per layer, unless value_rotation=False), R4 (fused + online) and the
     optional online Hadamard at the o_proj input; R3 is switched on in the attention quantizers, which must
     be attached already."""
+    from ..blockwise import iterate_blocks
+    from ..hadamard import orthonormal_hadamard
+    from ..quantize import add_online_down_hadamard, add_online_o_hadamard, head_dim_of
+    from ..rotation import fuse_norms_into_linears, rotate_residual, rotate_values, untie_embeddings
+
     note = note or (lambda message: None)
     config = model.config
     head_dim = head_dim_of(config)
@@ -59,8 +68,13 @@ def apply_rotations(model, family, device: torch.device, seed: int, residual: st
 
 
 def quantize(model, family, ctx) -> None:
+    from ..quantize import attach_quantizers
+
     m = ctx.method
     attach_quantizers(model, family, ctx.quant.a_bits, ctx.quant.kv_bits, m.act_clip_ratio, m.kv_clip_ratio)
     apply_rotations(model, family, ctx.device, ctx.seed, o_proj_hadamard=enum_value(m.o_proj_hadamard),
                     note=ctx.note)
     ctx.quantize_weights(model, family)
+
+
+register("quarot", schema=MethodConfig, quantize=quantize, label="QuaRot")

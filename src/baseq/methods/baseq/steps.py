@@ -1,12 +1,12 @@
-"""BASE-Q (He et al., 2025): QuaRot's rotations plus, per decoder block,
+"""BASE-Q's steps (the method itself: baseq/methods/baseq/__init__.py, with its schema BaseQConfig):
+QuaRot's rotations plus, per decoder block,
   stage 1: paired scales (v->o, up->down), learned R_v and activation clips, weights RTN-quantized with STE;
   fuse; GPTQ;
   stage 2: activation biases B (init: channel means), unpaired scales S^a and clips, weights frozen;
   fuse W_q B into the linear biases (Eq. 15: y = W_q Q(S^a x - B) + W_q B + b).
 Each stage minimises the error between the block's full-precision output (on fp inputs) and the quantized
-block's output. One block is on the device at a time. Every component is a switch of the method config
-(see BaseQConfig), so the paper's ablation ladder is a set of configs (conf/method/baseq_ablation/) and the
-authors' public-code recipe is another (conf/method/baseq_authors.yaml)."""
+block's output. One block is on the device at a time. This module imports torch and the model code, so the
+method's module imports it only when a run quantizes (config composition imports every method module)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..blockwise import capture_block_inputs, iterate_blocks, run_block
-from ..config import enum_value
-from ..equivalence import BlockTransforms
-from ..quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
-from ..quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
-                        head_dim_of, only_quantizers, quant_linears, quantize_block_rtn)
-from ..precision import float32_matmul_precision
-from ..training import MATMUL_PRECISIONS, ParamGroup, block_mse, mse, train_block
-from .quarot import apply_rotations
+from ...blockwise import capture_block_inputs, iterate_blocks, run_block
+from ...equivalence import BlockTransforms
+from ...quant import ActivationQuantizer, KVQuantizer, RTNWeightQuantizer, effective_clip, learned_clip
+from ...quantize import (activation_quantization_disabled, attach_quantizers, each_quantizer_input, gptq_block,
+                         head_dim_of, only_quantizers, quant_linears, quantize_block_rtn)
+from ...precision import float32_matmul_precision
+from ...training import MATMUL_PRECISIONS, ParamGroup, block_mse, mse, train_block
+from ..base import enum_value
+from ..quarot import apply_rotations
 
 
 def _act_quantizers(block: nn.Module) -> list[ActivationQuantizer]:
