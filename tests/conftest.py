@@ -16,6 +16,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 REPO = Path(__file__).resolve().parents[1]
 
+# pytest puts the checkout's src, kernels and root first on its own sys.path (pyproject's pythonpath); the
+# subprocesses the tests start (python run.py, -c, -m, Slurm stand-in jobs) get the same through PYTHONPATH, or
+# they would import whatever an editable install points at (another checkout's code).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "kernels"), str(REPO)]
+                                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 
 def tiny_llama(hidden=576, ffn=1536, layers=2, heads=9, kv_heads=3, vocab=256, dtype=torch.float64, seed=0,
                tie=True):

@@ -18,6 +18,7 @@ from baseq.models.loading import load_model
 from baseq.pipeline import materialize
 
 from conftest import SAMPLE_TEXT, train_tiny_tokenizer
+from test_run_py import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -63,21 +64,21 @@ def tiny_args(model_dir, data_root, results, *extra):
 def test_lazy_baseq_run_gives_the_numbers_of_the_run_in_memory(tiny_model_dirs, tiny_data_root, tmp_path):
     ppl = {}
     for lazy in ("false", "true"):
-        out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path / lazy, "method=baseq",
-                            "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[]",
-                            f"model.lazy={lazy}"))
+        out = run_in_process(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path / lazy, "method=baseq",
+                                       "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[]",
+                                       f"model.lazy={lazy}"))
         assert out.returncode == 0, out.stderr[-3000:]
         ppl[lazy] = one_record(tmp_path / lazy)["metrics"]["wikitext2_ppl"]
     assert ppl["true"] == ppl["false"]
 
 
 def test_lazy_run_saves_the_whole_quantized_model(tiny_model_dirs, tiny_data_root, tmp_path):
-    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path / "a", "method=quarot", "compare_with=[]",
-                        "model.lazy=true", "save_quantized=true"))
+    out = run_in_process(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path / "a", "method=quarot",
+                                   "compare_with=[]", "model.lazy=true", "save_quantized=true"))
     assert out.returncode == 0, out.stderr[-3000:]
     saved = one_record(tmp_path / "a")
-    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path / "b", "method=quarot", "compare_with=[]",
-                        f"load_quantized={saved['quantized_model']}"))
+    out = run_in_process(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path / "b", "method=quarot",
+                                   "compare_with=[]", f"load_quantized={saved['quantized_model']}"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert one_record(tmp_path / "b")["metrics"]["wikitext2_ppl"] == saved["metrics"]["wikitext2_ppl"]
 
@@ -124,10 +125,10 @@ def test_lazy_quarot_run_with_comparisons_and_zero_shot_matches_the_run_in_memor
     """Comparisons (each loads the model again), streamed perplexity, then zero-shot on the whole model."""
     scores = {}
     for lazy in ("false", "true"):
-        out = run(tiny_args(tiny_model_dirs["llama"], data_root, tmp_path / lazy, "method=quarot",
-                            "compare_with=[fp,rtn]",
-                            "eval=full", "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=4",
-                            f"model.lazy={lazy}"))
+        out = run_in_process(tiny_args(tiny_model_dirs["llama"], data_root, tmp_path / lazy, "method=quarot",
+                                       "compare_with=[fp,rtn]",
+                                       "eval=full", "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=4",
+                                       f"model.lazy={lazy}"))
         assert out.returncode == 0, out.stderr[-3000:]
         rec = one_record(tmp_path / lazy)
         assert rec["status"] == "done"

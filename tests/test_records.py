@@ -13,7 +13,7 @@ import pytest
 
 from baseq.records import RecordClosedError, RunRecord, StageTimer, write_record
 from conftest import SAMPLE_TEXT
-from test_run_py import REPO, records, run, tiny_args
+from test_run_py import REPO, records, run, run_in_process, tiny_args
 
 
 def test_record_is_written_at_each_stage_and_immutable_once_finished(tmp_path):
@@ -92,7 +92,7 @@ def test_sigterm_leaves_a_preempted_record_and_a_rerun_resumes(tiny_model_dirs, 
     assert "quantize" in first["stages_done"] and Path(first["quantized_model"]).is_dir()
     fp_ppl = first["metrics"]["compare"]["fp"]["wikitext2_ppl"]
 
-    out = run(args)
+    out = run_in_process(args)   # resuming is the records' business, not the process's
     assert out.returncode == 0, out.stderr[-3000:]
     second = next(r for r in records(results) if r["run_id"] != first["run_id"])
     assert second["status"] == "done" and second["resumed_from"] == first["record_path"]
@@ -106,19 +106,19 @@ def test_sigterm_leaves_a_preempted_record_and_a_rerun_resumes(tiny_model_dirs, 
 def test_load_quantized_evaluates_the_saved_model_without_quantizing(tiny_model_dirs, tiny_data_root, tmp_path):
     results = tmp_path / "res"
     common = tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, results, "method=quarot", "compare_with=[]")
-    out = run([*common, "save_quantized=true"])
+    out = run_in_process([*common, "save_quantized=true"])
     assert out.returncode == 0, out.stderr[-3000:]
     [saved] = records(results)
     folder = Path(saved["quantized_model"])
     assert folder == results / "models" / saved["run_id"] and (folder / "model.safetensors").is_file()
 
-    out = run([*common, f"load_quantized={folder}", "model.path=/not/needed"])
+    out = run_in_process([*common, f"load_quantized={folder}", "model.path=/not/needed"])
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = next(r for r in records(results) if r["run_id"] != saved["run_id"])
     assert loaded["status"] == "done" and "quantize" not in loaded["stages_done"]
     assert loaded["metrics"]["wikitext2_ppl"] == saved["metrics"]["wikitext2_ppl"]
 
-    out = run([*common, f"load_quantized={folder}", "method.act_clip_ratio=0.5"])
+    out = run([*common, f"load_quantized={folder}", "method.act_clip_ratio=0.5"])   # the CLI's one-line error
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "was made with method.act_clip_ratio=0.9, this run has method.act_clip_ratio=0.5" in out.stderr
 

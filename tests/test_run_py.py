@@ -11,10 +11,56 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args, cwd=REPO, env_extra=None, timeout=600):
+    """`python run.py ARGS` in a fresh interpreter: for what only a process shows (exit codes, one-line CLI
+    errors, signals, sweeps); each costs the imports of torch, transformers, hydra and lm-eval again."""
     import os
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def run_in_process(args) -> subprocess.CompletedProcess:
+    """run.py ARGS executed in this process as `python run.py ARGS` executes it (runpy, as __main__, the same
+    argv): for tests of what a run computes and records, without a fresh interpreter's imports. Its exit
+    status comes back as returncode; stdout and stderr are captured; the logging handlers Hydra installs are
+    removed afterwards."""
+    import contextlib
+    import io
+    import logging
+    import os
+    import runpy
+
+    loggers = [logging.getLogger(), logging.getLogger("hydra")]
+    saved_loggers = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    saved_argv, saved_full_error = sys.argv[:], os.environ.get("HYDRA_FULL_ERROR")
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    os.environ["HYDRA_FULL_ERROR"] = "0"
+    sys.argv = [str(REPO / "run.py"), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / "run.py"), run_name="__main__")
+            except SystemExit as exit:   # what the interpreter would make of it
+                if exit.code is None or isinstance(exit.code, int):
+                    code = exit.code or 0
+                else:
+                    print(exit.code, file=sys.stderr)
+                    code = 1
+    finally:
+        sys.argv = saved_argv
+        if saved_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+        for logger, handlers, level, propagate in saved_loggers:
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+    return subprocess.CompletedProcess(["run.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def records(results: Path) -> list[dict]:
@@ -29,7 +75,8 @@ def tiny_args(model_dir, data_root, results, *extra):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_quarot_run_writes_done_record_with_comparisons(tiny_model_dirs, tiny_data_root, tmp_path, family):
-    out = run(tiny_args(tiny_model_dirs[family], tiny_data_root, tmp_path, "method=quarot", "compare_with=[fp,rtn]"))
+    out = run_in_process(tiny_args(tiny_model_dirs[family], tiny_data_root, tmp_path, "method=quarot",
+                                   "compare_with=[fp,rtn]"))
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     assert rec["status"] == "done" and rec["method"] == "quarot" and rec["quant"] == "w4a4kv4"
@@ -44,8 +91,8 @@ def test_quarot_run_writes_done_record_with_comparisons(tiny_model_dirs, tiny_da
 
 
 def test_rotation_only_run_matches_fp(tiny_model_dirs, tiny_data_root, tmp_path):
-    out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=quarot", "quant=w16a16kv16",
-                        "compare_with=[fp]"))
+    out = run_in_process(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=quarot",
+                                   "quant=w16a16kv16", "compare_with=[fp]"))
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     fp = rec["metrics"]["compare"]["fp"]["wikitext2_ppl"]
@@ -53,8 +100,8 @@ def test_rotation_only_run_matches_fp(tiny_model_dirs, tiny_data_root, tmp_path)
 
 
 def test_default_method_is_baseq_and_training_reaches_the_record(tiny_model_dirs, tiny_data_root, tmp_path):
-    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method.stage1_epochs=1",
-                        "method.stage2_epochs=1"))
+    out = run_in_process(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method.stage1_epochs=1",
+                                   "method.stage2_epochs=1"))
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     assert rec["status"] == "done" and rec["method"] == "baseq"
@@ -118,8 +165,16 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
 
 
 def test_kernels_eval_records_the_runtime_ppl_next_to_the_fake_quant_ppl(tiny_model_dirs, tiny_data_root, tmp_path):
-    out = run(tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method=quarot", "compare_with=[]",
-                        "eval.kernels=true"), env_extra={"TRITON_INTERPRET": "1"})
+    import os
+
+    args = tiny_args(tiny_model_dirs["llama"], tiny_data_root, tmp_path, "method=quarot", "compare_with=[]",
+                     "eval.kernels=true")
+    # Triton reads TRITON_INTERPRET when the kernels are defined: in this process if it was set at its start (as
+    # conftest does without a GPU), else in a fresh interpreter
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        out = run_in_process(args)
+    else:
+        out = run(args, env_extra={"TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     metrics = rec["metrics"]
@@ -140,8 +195,8 @@ def test_kernels_eval_without_a_gpu_is_one_line(tiny_model_dirs, tiny_data_root,
 def test_authors_recipe_and_quarot_record_what_could_not_apply(tiny_model_dirs, tiny_data_root, tmp_path):
     # tiny models: hidden 64, 4 heads of 16. The authors' preset with one epoch per stage, and QuaRot (with its
     # cross-head o_proj Hadamard) compared in the same job
-    out = run(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=baseq_authors",
-                        "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[quarot]"))
+    out = run_in_process(tiny_args(tiny_model_dirs["qwen2"], tiny_data_root, tmp_path, "method=baseq_authors",
+                                   "method.stage1_epochs=1", "method.stage2_epochs=1", "compare_with=[quarot]"))
     assert out.returncode == 0, out.stderr[-3000:]
     [rec] = records(tmp_path)
     method = rec["config"]["method"]

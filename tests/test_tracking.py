@@ -1,6 +1,7 @@
 """logger=wandb: a record mirrored to an offline W&B run (no account, no network)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ print("LOCAL", log_run(record, OmegaConf.create({"logger": {"name": "local", "pr
 
 def test_offline_wandb_run_holds_config_metrics_table_and_plots(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
-           "WANDB_SILENT": "true"}
+           "WANDB_SILENT": "true", "PYTHONPATH": os.environ["PYTHONPATH"]}   # this checkout's baseq (conftest)
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(RECORD), str(tmp_path / "output")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,7 +63,8 @@ def test_mirroring_failure_does_not_fail_the_run(tmp_path):
     script = ("from omegaconf import OmegaConf\nfrom baseq.tracking import log_run\n"
               "cfg = OmegaConf.create({'logger': {'name': 'wandb', 'project': 'p', 'mode': 'nonsense'}})\n"
               "print('RESULT', log_run({'run_id': 'r', 'record_path': '/x/r.json'}, cfg))\n")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+           "PYTHONPATH": os.environ["PYTHONPATH"]}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RESULT None" in out.stdout
